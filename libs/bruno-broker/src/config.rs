@@ -1,0 +1,83 @@
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A string that never shows itself in Debug or Display output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call only where it is used.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// How to reach RabbitMQ and how to treat failures.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// AMQP URI, credentials included (hence secret).
+    pub url: Secret,
+    /// Prefix for every exchange and queue name (isolates tests and tenants).
+    pub prefix: String,
+    /// `x-delivery-limit` of the part queues: redeliveries (crashes, nacks)
+    /// before the broker itself dead-letters a message.
+    pub delivery_limit: u32,
+    /// Retry delay tiers in milliseconds; attempt n waits tier min(n, last).
+    pub retry_delays_ms: Vec<u64>,
+    /// Handler attempts before a retryable failure is dead-lettered.
+    pub max_attempts: u32,
+    /// How long a publish may wait for the broker's confirm.
+    pub publish_timeout_ms: u64,
+    /// Channels used for publishing (confirms are pipelined on each).
+    pub publish_channels: usize,
+    /// First reconnect delay.
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"),
+            prefix: String::new(),
+            delivery_limit: 10,
+            retry_delays_ms: vec![1_000, 10_000, 60_000],
+            max_attempts: 5,
+            publish_timeout_ms: 5_000,
+            publish_channels: 4,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5_000,
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// The retry delay tiers.
+    pub fn retry_delays(&self) -> Vec<Duration> {
+        self.retry_delays_ms.iter().map(|ms| Duration::from_millis(*ms)).collect()
+    }
+    /// The publish-confirm timeout.
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+}

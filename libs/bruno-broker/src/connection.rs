@@ -1,0 +1,356 @@
+//! One supervised connection per process: connect with backoff, declare the
+//! topology, open confirm-mode publish channels, and start over whenever the
+//! connection (or a channel) dies. Readiness is "a session exists".
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use bruno_events::Event;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use futures_util::future::join_all;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::codec::{self, CodecError};
+use crate::topology::TopologyError;
+use crate::{BrokerConfig, BrokerMetrics, Topology};
+
+/// Why a publish did not get a positive confirm. Every variant means the
+/// message may not be stored: the caller must not acknowledge its input.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// No connection to the broker right now (reconnecting).
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker refused to store the message.
+    #[error("broker nacked the publish")]
+    Nacked,
+    /// The broker had no queue for a mandatory publish.
+    #[error("message returned unroutable: {0}")]
+    Returned(String),
+    /// No confirm within the publish timeout.
+    #[error("no confirm within {0:?}")]
+    Timeout(Duration),
+    /// The event cannot be encoded as an AMQP message.
+    #[error("cannot encode event: {0}")]
+    Codec(#[from] CodecError),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("connecting: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+}
+
+/// A live connection with its publish channels.
+pub(crate) struct Session {
+    pub(crate) connection: Connection,
+    channels: Vec<Channel>,
+    next: AtomicUsize,
+    broken: CancellationToken,
+}
+
+impl Session {
+    fn channel(&self) -> &Channel {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        &self.channels[i]
+    }
+}
+
+struct Inner {
+    config: BrokerConfig,
+    topology: Topology,
+    connection_name: String,
+    session: watch::Sender<Option<Arc<Session>>>,
+    cancel: CancellationToken,
+    metrics: BrokerMetrics,
+}
+
+/// Handle to the supervised broker connection; cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("connection_name", &self.inner.connection_name)
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+impl Broker {
+    /// Start the connection supervisor. Returns at once; use
+    /// [`Broker::wait_connected`] or [`Broker::is_connected`] for readiness.
+    /// The supervisor closes the connection when `cancel` fires.
+    pub fn start(
+        config: BrokerConfig,
+        topology: Topology,
+        connection_name: impl Into<String>,
+        metrics: BrokerMetrics,
+        cancel: CancellationToken,
+    ) -> Self {
+        let (session, _) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            config,
+            topology,
+            connection_name: connection_name.into(),
+            session,
+            cancel,
+            metrics,
+        });
+        tokio::spawn(supervise(inner.clone()));
+        Self { inner }
+    }
+
+    /// True while a connection with declared topology is up.
+    pub fn is_connected(&self) -> bool {
+        self.inner.session.borrow().is_some()
+    }
+
+    /// Wait until connected, at most `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.inner.session.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await.is_ok()
+    }
+
+    /// The topology this broker declared.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    /// Its metrics.
+    pub fn metrics(&self) -> &BrokerMetrics {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn current(&self) -> Option<Arc<Session>> {
+        self.inner.session.borrow().clone()
+    }
+
+    /// Wait for a session; `None` once `cancel` fires.
+    pub(crate) async fn session(&self, cancel: &CancellationToken) -> Option<Arc<Session>> {
+        let mut rx = self.inner.session.subscribe();
+        tokio::select! {
+            _ = cancel.cancelled() => None,
+            r = rx.wait_for(Option::is_some) => r.ok().and_then(|s| s.clone()),
+        }
+    }
+
+    /// Tell the supervisor this session is unusable; it reconnects.
+    pub(crate) fn mark_broken(&self, session: &Session) {
+        session.broken.cancel();
+    }
+
+    /// Open a fresh channel on the current connection (for consumers and tools).
+    pub async fn open_channel(&self) -> Result<Channel, PublishError> {
+        let session = self
+            .current()
+            .ok_or_else(|| PublishError::Unavailable("not connected".into()))?;
+        session.connection.create_channel().await.map_err(|e| {
+            self.mark_broken(&session);
+            PublishError::Unavailable(e.to_string())
+        })
+    }
+
+    /// Publish one event to the events exchange; returns once confirmed.
+    pub async fn publish(&self, event: &Event) -> Result<(), PublishError> {
+        self.publish_all(std::slice::from_ref(event)).await
+    }
+
+    /// Publish events to the events exchange, pipelined; returns once every
+    /// one is confirmed, or with the first failure.
+    pub async fn publish_all(&self, events: &[Event]) -> Result<(), PublishError> {
+        let exchange = self.inner.topology.names.exchange();
+        let encoded = events.iter().map(codec::encode).collect::<Result<Vec<_>, _>>()?;
+        let messages: Vec<_> = encoded.iter().map(|(p, b)| (p.clone(), b.as_slice())).collect();
+        self.publish_many(&exchange, "", messages).await
+    }
+
+    /// Publish one raw message; returns once confirmed.
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        props: BasicProperties,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        self.publish_many(exchange, routing_key, vec![(props, body)]).await
+    }
+
+    async fn publish_many(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        messages: Vec<(BasicProperties, &[u8])>,
+    ) -> Result<(), PublishError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let metrics = &self.inner.metrics;
+        let Some(session) = self.current() else {
+            metrics.publish("unavailable");
+            return Err(PublishError::Unavailable("not connected".into()));
+        };
+        let exchange = ShortString::try_new(exchange)
+            .map_err(|e| PublishError::Codec(CodecError::Invalid { name: "exchange".into(), reason: e.to_string() }))?;
+        let routing_key = ShortString::try_new(routing_key)
+            .map_err(|e| PublishError::Codec(CodecError::Invalid { name: "routing key".into(), reason: e.to_string() }))?;
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let mut confirms = Vec::with_capacity(messages.len());
+        for (props, body) in messages {
+            let sent = session
+                .channel()
+                .basic_publish(exchange.clone(), routing_key.clone(), options, body, props)
+                .await;
+            match sent {
+                Ok(confirm) => confirms.push(confirm),
+                Err(e) => {
+                    metrics.publish("unavailable");
+                    self.mark_broken(&session);
+                    return Err(PublishError::Unavailable(e.to_string()));
+                }
+            }
+        }
+        let timeout = self.inner.config.publish_timeout();
+        let results = match tokio::time::timeout(timeout, join_all(confirms)).await {
+            Ok(results) => results,
+            Err(_) => {
+                metrics.publish("timeout");
+                self.mark_broken(&session);
+                return Err(PublishError::Timeout(timeout));
+            }
+        };
+        let mut first_error = None;
+        for result in results {
+            let outcome = match result {
+                Ok(Confirmation::Ack(None)) => Ok(()),
+                Ok(Confirmation::Ack(Some(returned))) => {
+                    Err(("returned", PublishError::Returned(returned.reply_text.to_string())))
+                }
+                Ok(Confirmation::Nack(_)) => Err(("nacked", PublishError::Nacked)),
+                Ok(Confirmation::NotRequested) => {
+                    Err(("unavailable", PublishError::Unavailable("channel not in confirm mode".into())))
+                }
+                Err(e) => {
+                    self.mark_broken(&session);
+                    Err(("unavailable", PublishError::Unavailable(e.to_string())))
+                }
+            };
+            match outcome {
+                Ok(()) => metrics.publish("confirmed"),
+                Err((label, e)) => {
+                    metrics.publish(label);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+async fn open(inner: &Inner) -> Result<(Session, BoxStream<'static, lapin::Event>), ConnectError> {
+    let props = ConnectionProperties::default().with_connection_name(inner.connection_name.clone().into());
+    let connection = Connection::connect(inner.config.url.expose(), props).await?;
+    let events = connection.events_listener().boxed();
+    let setup = connection.create_channel().await?;
+    inner.topology.declare(&setup).await?;
+    let _ = setup.close(200, "topology declared".into()).await;
+    let mut channels = Vec::new();
+    for _ in 0..inner.config.publish_channels.max(1) {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channels.push(channel);
+    }
+    let session = Session {
+        connection,
+        channels,
+        next: AtomicUsize::new(0),
+        broken: inner.cancel.child_token(),
+    };
+    Ok((session, events))
+}
+
+async fn supervise(inner: Arc<Inner>) {
+    let mut connected_before = false;
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(inner.config.reconnect_min_ms))
+        .with_max_delay(Duration::from_millis(inner.config.reconnect_max_ms))
+        .with_jitter()
+        .without_max_times();
+    loop {
+        let attempt = (|| open(&inner))
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .notify(|e, next| warn!(error = %e, retry_in = ?next, "broker connection failed"));
+        let (session, mut events) = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            r = attempt => match r {
+                Ok(ok) => ok,
+                Err(e) => {
+                    warn!(error = %e, "broker connection failed");
+                    continue;
+                }
+            },
+        };
+        if connected_before {
+            inner.metrics.reconnects.inc();
+        }
+        connected_before = true;
+        let session = Arc::new(session);
+        inner.metrics.connected.set(1);
+        inner.session.send_replace(Some(session.clone()));
+        info!(name = %inner.connection_name, "connected to broker");
+
+        let mut poll = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = session.broken.cancelled() => break,
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(e)) => {
+                        warn!(error = %e, "broker connection error");
+                        break;
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = poll.tick() => {
+                    if !session.connection.status().connected() {
+                        break;
+                    }
+                }
+            }
+        }
+        inner.metrics.connected.set(0);
+        inner.session.send_replace(None);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            session.connection.close(320, "closing".into()),
+        )
+        .await;
+        if inner.cancel.is_cancelled() {
+            info!(name = %inner.connection_name, "broker connection closed");
+            return;
+        }
+        warn!(name = %inner.connection_name, "broker connection lost; reconnecting");
+    }
+}

@@ -1,0 +1,318 @@
+//! The consumer loop: deliveries in, a [`Disposition`] per message, and the
+//! broker work that disposition needs, confirmed before the ack.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bruno_events::{AttributesReader, Event, correlation_id};
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::codec::{self, header_u32};
+use crate::{Broker, headers};
+
+/// The small fixed set of error codes (metric labels and DLQ headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The message is not a valid CloudEvent.
+    InvalidEvent,
+    /// The event's data does not match its type's payload.
+    InvalidPayload,
+    /// The event's type is not one this part handles.
+    UnknownType,
+    /// A dependency (LLM, store, broker) failed or is unreachable.
+    Dependency,
+    /// Something took too long.
+    Timeout,
+    /// A bug: a panic or an unexpected state.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire and label form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidEvent => "invalid_event",
+            Self::InvalidPayload => "invalid_payload",
+            Self::UnknownType => "unknown_type",
+            Self::Dependency => "dependency",
+            Self::Timeout => "timeout",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// Parse the wire form.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::InvalidEvent,
+            Self::InvalidPayload,
+            Self::UnknownType,
+            Self::Dependency,
+            Self::Timeout,
+            Self::Internal,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+
+    /// The one place that decides retry versus dead letter: bad input can
+    /// never succeed, so it is dead-lettered at once; everything else is
+    /// worth another attempt.
+    pub fn disposition(self, reason: impl Into<String>) -> Disposition {
+        let reason = reason.into();
+        match self {
+            Self::InvalidEvent | Self::InvalidPayload | Self::UnknownType => {
+                Disposition::DeadLetter { code: self, reason }
+            }
+            Self::Dependency | Self::Timeout | Self::Internal => Disposition::Retry { code: self, reason },
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What to do with a consumed message.
+#[derive(Debug)]
+pub enum Disposition {
+    /// Done: publish these events (confirmed), then ack.
+    Ack(Vec<Event>),
+    /// Try again later (after the next delay tier), unless attempts are exhausted.
+    Retry {
+        /// Error code.
+        code: ErrorCode,
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// Give up now: park in the part's DLQ.
+    DeadLetter {
+        /// Error code.
+        code: ErrorCode,
+        /// Human-readable reason.
+        reason: String,
+    },
+}
+
+/// Delivery facts a processor may use.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// Failed handler attempts before this one.
+    pub attempts: u32,
+    /// The broker redelivered this message (a consumer died holding it).
+    pub redelivered: bool,
+}
+
+/// Turns an event into a disposition. Implemented by the worker runtime.
+pub trait Processor: Send + Sync + 'static {
+    /// Process one event.
+    fn process(&self, event: Event, delivered: Delivered) -> impl Future<Output = Disposition> + Send;
+}
+
+/// Consume a part's queue until `shutdown` fires, with at most `prefetch`
+/// messages in flight. On shutdown: cancel the consumer, let in-flight
+/// messages finish and settle, close the channel. A lost channel or
+/// connection is re-established; unacked messages are redelivered by the broker.
+pub async fn consume<P: Processor>(
+    broker: Broker,
+    part: String,
+    prefetch: u16,
+    processor: Arc<P>,
+    shutdown: CancellationToken,
+) {
+    let queue = broker.topology().names.queue(&part);
+    let Ok(queue_name) = ShortString::try_new(queue.clone()) else {
+        error!(%queue, "queue name longer than 255 bytes; not consuming");
+        return;
+    };
+    loop {
+        let Some(session) = broker.session(&shutdown).await else { return };
+        let channel = match session.connection.create_channel().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%part, error = %e, "cannot open consumer channel");
+                broker.mark_broken(&session);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let tag = format!("{part}-{}", uuid::Uuid::new_v4());
+        let consumer = async {
+            channel.basic_qos(prefetch.max(1), BasicQosOptions::default()).await?;
+            channel
+                .basic_consume(queue_name.clone(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+                .await
+        };
+        let mut consumer = match consumer.await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%part, error = %e, "cannot start consumer");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        info!(%part, %queue, prefetch, "consuming");
+        let mut inflight = JoinSet::new();
+        let stopped = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break true,
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        inflight.spawn(handle(broker.clone(), part.clone(), processor.clone(), delivery));
+                    }
+                    Some(Err(e)) => {
+                        warn!(%part, error = %e, "consumer stream failed");
+                        break false;
+                    }
+                    None => break false,
+                },
+                Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+            }
+        };
+        if stopped {
+            // Stop new deliveries; prefetched ones not yet taken go back on close.
+            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            let n = inflight.len();
+            while inflight.join_next().await.is_some() {}
+            let _ = channel.close(200, "shutdown".into()).await;
+            info!(%part, drained = n, "consumer stopped");
+            return;
+        }
+        while inflight.join_next().await.is_some() {}
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn handle<P: Processor>(broker: Broker, part: String, processor: Arc<P>, delivery: Delivery) {
+    let started = Instant::now();
+    let attempts = header_u32(&delivery.properties, headers::ATTEMPTS).unwrap_or(0);
+    let (disposition, span) = match codec::decode(&delivery.properties, &delivery.data) {
+        Err(e) => (
+            Disposition::DeadLetter { code: ErrorCode::InvalidEvent, reason: e.to_string() },
+            info_span!("message", %part, invalid = true),
+        ),
+        Ok(event) => {
+            let span = info_span!(
+                "message",
+                %part,
+                event.id = %event.id(),
+                event.r#type = %event.ty(),
+                event.source = %event.source(),
+                correlation_id = correlation_id(&event).unwrap_or_default(),
+                attempt = attempts + 1,
+            );
+            let delivered = Delivered { attempts, redelivered: delivery.redelivered };
+            let work = AssertUnwindSafe(processor.process(event, delivered)).catch_unwind();
+            let disposition = work.instrument(span.clone()).await.unwrap_or_else(|_| Disposition::Retry {
+                code: ErrorCode::Internal,
+                reason: "handler panicked".into(),
+            });
+            (disposition, span)
+        }
+    };
+    async {
+        let outcome = settle(&broker, &part, &delivery, attempts, disposition).await;
+        broker.metrics().outcome(&part, outcome);
+        broker
+            .metrics()
+            .handle_seconds
+            .get_or_create(&crate::metrics::PartLabels { part: part.clone() })
+            .observe(started.elapsed().as_secs_f64());
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Do what the disposition needs, then ack; on any publish failure, requeue.
+async fn settle(broker: &Broker, part: &str, delivery: &Delivery, attempts: u32, disposition: Disposition) -> &'static str {
+    let names = &broker.topology().names;
+    let published = match disposition {
+        Disposition::Ack(outputs) => broker.publish_all(&outputs).await.map(|()| "ack"),
+        Disposition::Retry { code, reason } => {
+            let failures = attempts + 1;
+            let max = broker.config().max_attempts.max(1);
+            match broker.topology().retry_queue(part, failures) {
+                Some(queue) if failures < max => {
+                    warn!(%code, %reason, failures, "retrying later");
+                    let props = with_error_headers(delivery, part, code, &reason, failures);
+                    broker.publish_raw("", &queue, props, &delivery.data).await.map(|()| "retry")
+                }
+                _ => {
+                    let reason = format!("gave up after {failures} attempts: {reason}");
+                    error!(%code, %reason, "dead-lettering");
+                    let props = with_error_headers(delivery, part, code, &reason, failures);
+                    broker.publish_raw("", &names.dlq(part), props, &delivery.data).await.map(|()| "dead_letter")
+                }
+            }
+        }
+        Disposition::DeadLetter { code, reason } => {
+            error!(%code, %reason, "dead-lettering");
+            let props = with_error_headers(delivery, part, code, &reason, attempts + 1);
+            broker.publish_raw("", &names.dlq(part), props, &delivery.data).await.map(|()| "dead_letter")
+        }
+    };
+    match published {
+        Ok(outcome) => {
+            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                // The effects are confirmed; the broker will redeliver and the
+                // handler sees the same event again (idempotent by (source, id)).
+                warn!(error = %e, "ack failed after confirmed publish");
+            }
+            outcome
+        }
+        Err(e) => {
+            warn!(error = %e, "publish failed; requeueing the message");
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            "requeue"
+        }
+    }
+}
+
+fn with_error_headers(
+    delivery: &Delivery,
+    part: &str,
+    code: ErrorCode,
+    reason: &str,
+    attempts: u32,
+) -> lapin::BasicProperties {
+    let mut h = delivery.properties.headers().clone().unwrap_or_default();
+    let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+    h.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
+    h.insert(headers::ERROR_REASON.into(), s(reason));
+    h.insert(headers::ERROR_CODE.into(), s(code.as_str()));
+    h.insert(headers::PART.into(), s(part));
+    h.insert(headers::FAILED_AT.into(), s(&chrono::Utc::now().to_rfc3339()));
+    delivery.properties.clone().with_headers(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_input_is_dead_lettered_everything_else_retried() {
+        for code in [ErrorCode::InvalidEvent, ErrorCode::InvalidPayload, ErrorCode::UnknownType] {
+            assert!(matches!(code.disposition("x"), Disposition::DeadLetter { .. }), "{code}");
+        }
+        for code in [ErrorCode::Dependency, ErrorCode::Timeout, ErrorCode::Internal] {
+            assert!(matches!(code.disposition("x"), Disposition::Retry { .. }), "{code}");
+        }
+    }
+
+    #[test]
+    fn codes_round_trip() {
+        for code in [ErrorCode::InvalidEvent, ErrorCode::Dependency, ErrorCode::Internal] {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(ErrorCode::parse("nope"), None);
+    }
+}

@@ -1,0 +1,205 @@
+//! Dead-letter queue tooling: list, show, replay, purge.
+//!
+//! Listing browses with `basic.get` and no ack, holding every message
+//! unacked on one channel until the channel closes, so each is seen once and
+//! all go back. Replay republishes a matching message to its part's queue
+//! (not the exchange: other parts already handled the event) with the error
+//! headers removed, waits for the confirm, and only then acks the dead letter.
+
+use std::collections::BTreeMap;
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
+use lapin::types::{AMQPValue, ShortString};
+use lapin::{BasicProperties, Channel};
+use serde::Serialize;
+
+use crate::codec::{header_str, header_u32};
+use crate::{Broker, PublishError, headers};
+
+/// A dead letter as the CLI shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// CloudEvent id (or AMQP message id).
+    pub id: String,
+    /// CloudEvent type.
+    pub r#type: String,
+    /// CloudEvent source.
+    pub source: String,
+    /// Error code (`invalid_payload`, ..., or `broker` when RabbitMQ
+    /// dead-lettered it after the delivery limit).
+    pub code: String,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// Handler attempts.
+    pub attempts: u32,
+    /// When (RFC 3339), if Bruno dead-lettered it.
+    pub failed_at: Option<String>,
+    /// All AMQP headers, rendered as strings.
+    pub headers: BTreeMap<String, String>,
+    /// Content type of the body.
+    pub content_type: Option<String>,
+    /// The body, as UTF-8 (lossy).
+    pub data: String,
+}
+
+/// Which dead letters a replay takes.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this event id.
+    pub id: Option<String>,
+    /// Only this event type.
+    pub r#type: Option<String>,
+    /// Only this error code.
+    pub code: Option<String>,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Dead letters put back on the part's queue.
+    pub replayed: u64,
+    /// Dead letters left in the DLQ (not matching the filter).
+    pub kept: u64,
+}
+
+/// A DLQ operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// The broker is unreachable.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// An AMQP operation failed.
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The part is not in the topology.
+    #[error("unknown part {0:?}")]
+    UnknownPart(String),
+}
+
+fn render(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::LongLongInt(i) => i.to_string(),
+        AMQPValue::LongInt(i) => i.to_string(),
+        AMQPValue::LongUInt(i) => i.to_string(),
+        AMQPValue::ShortInt(i) => i.to_string(),
+        AMQPValue::Timestamp(t) => t.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn describe(props: &BasicProperties, body: &[u8]) -> DeadLetter {
+    let headers: BTreeMap<String, String> = props
+        .headers()
+        .as_ref()
+        .map(|h| h.inner().iter().map(|(k, v)| (k.as_str().to_owned(), render(v))).collect())
+        .unwrap_or_default();
+    let broker_reason = header_str(props, "x-first-death-reason");
+    let (code, reason) = match (header_str(props, headers::ERROR_CODE), header_str(props, headers::ERROR_REASON)) {
+        (Some(code), Some(reason)) => (code, reason),
+        _ => (
+            "broker".to_owned(),
+            format!("dead-lettered by RabbitMQ: {}", broker_reason.as_deref().unwrap_or("unknown")),
+        ),
+    };
+    DeadLetter {
+        id: header_str(props, "id")
+            .or_else(|| props.message_id().as_ref().map(|m| m.as_str().to_owned()))
+            .unwrap_or_default(),
+        r#type: header_str(props, "type").unwrap_or_default(),
+        source: header_str(props, "source").unwrap_or_default(),
+        code,
+        reason,
+        attempts: header_u32(props, headers::ATTEMPTS).unwrap_or(0),
+        failed_at: header_str(props, headers::FAILED_AT),
+        headers,
+        content_type: props.content_type().as_ref().map(|c| c.as_str().to_owned()),
+        data: String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+fn dlq_name(broker: &Broker, part: &str) -> Result<ShortString, DlqError> {
+    if broker.topology().part(part).is_none() {
+        return Err(DlqError::UnknownPart(part.to_owned()));
+    }
+    ShortString::try_new(broker.topology().names.dlq(part)).map_err(|_| DlqError::UnknownPart(part.to_owned()))
+}
+
+async fn get(channel: &Channel, queue: &ShortString) -> Result<Option<lapin::message::Delivery>, DlqError> {
+    Ok(channel
+        .basic_get(queue.clone(), BasicGetOptions { no_ack: false })
+        .await?
+        .map(|m| m.delivery))
+}
+
+/// Up to `limit` dead letters of a part, oldest first; none are removed.
+pub async fn list(broker: &Broker, part: &str, limit: usize) -> Result<Vec<DeadLetter>, DlqError> {
+    let queue = dlq_name(broker, part)?;
+    let channel = broker.open_channel().await?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(delivery) = get(&channel, &queue).await? else { break };
+        out.push(describe(&delivery.properties, &delivery.data));
+    }
+    channel.close(200, "browsed".into()).await?;
+    Ok(out)
+}
+
+/// One dead letter by event id.
+pub async fn show(broker: &Broker, part: &str, id: &str) -> Result<Option<DeadLetter>, DlqError> {
+    let all = list(broker, part, usize::MAX).await?;
+    Ok(all.into_iter().find(|d| d.id == id))
+}
+
+fn matches(filter: &Filter, d: &DeadLetter) -> bool {
+    filter.id.as_ref().is_none_or(|id| *id == d.id)
+        && filter.r#type.as_ref().is_none_or(|t| *t == d.r#type)
+        && filter.code.as_ref().is_none_or(|c| *c == d.code)
+}
+
+/// Put matching dead letters back on the part's queue.
+pub async fn replay(broker: &Broker, part: &str, filter: &Filter) -> Result<ReplayReport, DlqError> {
+    let queue = dlq_name(broker, part)?;
+    let target = broker.topology().names.queue(part);
+    let channel = broker.open_channel().await?;
+    let mut report = ReplayReport::default();
+    while let Some(delivery) = get(&channel, &queue).await? {
+        let d = describe(&delivery.properties, &delivery.data);
+        if !matches(filter, &d) {
+            report.kept += 1;
+            continue;
+        }
+        let mut h = delivery.properties.headers().clone().unwrap_or_default();
+        let cleared: Vec<ShortString> = h
+            .inner()
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-bruno-") || k.as_str().starts_with("x-death") || k.as_str().starts_with("x-first-death") || k.as_str().starts_with("x-last-death"))
+            .cloned()
+            .collect();
+        let mut fresh = lapin::types::FieldTable::default();
+        for (k, v) in h.inner() {
+            if !cleared.contains(k) {
+                fresh.insert(k.clone(), v.clone());
+            }
+        }
+        fresh.insert(headers::REPLAYED.into(), AMQPValue::Boolean(true));
+        h = fresh;
+        let props = delivery.properties.clone().with_headers(h);
+        broker.publish_raw("", &target, props, &delivery.data).await?;
+        delivery.ack(BasicAckOptions::default()).await?;
+        report.replayed += 1;
+    }
+    channel.close(200, "replayed".into()).await?;
+    Ok(report)
+}
+
+/// Drop every dead letter of a part; returns how many.
+pub async fn purge(broker: &Broker, part: &str) -> Result<u32, DlqError> {
+    let queue = dlq_name(broker, part)?;
+    let channel = broker.open_channel().await?;
+    let n = channel.queue_purge(queue, QueuePurgeOptions::default()).await?;
+    channel.close(200, "purged".into()).await?;
+    Ok(n)
+}

@@ -1,0 +1,84 @@
+//! Broker metrics, named by the spec in docs/metrics.md: `bruno_<name>_<unit>`,
+//! counters end in `_total`, labels are small fixed sets.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of consumed-message counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// The part.
+    pub part: String,
+    /// `ack`, `retry`, `dead_letter` or `requeue`.
+    pub outcome: &'static str,
+}
+
+/// Labels of per-part histograms.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartLabels {
+    /// The part.
+    pub part: String,
+}
+
+/// Labels of publish counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishLabels {
+    /// `confirmed`, `nacked`, `returned`, `timeout` or `unavailable`.
+    pub outcome: &'static str,
+}
+
+/// Everything the broker layer measures.
+#[derive(Clone, Debug)]
+pub struct BrokerMetrics {
+    /// Messages consumed, by part and outcome.
+    pub consumed: Family<OutcomeLabels, Counter>,
+    /// Handler time per message, by part.
+    pub handle_seconds: Family<PartLabels, Histogram>,
+    /// Publishes by outcome.
+    pub published: Family<PublishLabels, Counter>,
+    /// 1 while connected.
+    pub connected: Gauge,
+    /// Successful reconnects after a lost connection.
+    pub reconnects: Counter,
+}
+
+impl Default for BrokerMetrics {
+    fn default() -> Self {
+        Self {
+            consumed: Family::default(),
+            handle_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+            published: Family::default(),
+            connected: Gauge::default(),
+            reconnects: Counter::default(),
+        }
+    }
+}
+
+impl BrokerMetrics {
+    /// Register every metric in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("bruno_events_consumed", "Messages consumed, by part and outcome", self.consumed.clone());
+        registry.register(
+            "bruno_event_handle_duration_seconds",
+            "Time from delivery to ack, by part",
+            self.handle_seconds.clone(),
+        );
+        registry.register("bruno_events_published", "Publishes, by outcome", self.published.clone());
+        registry.register("bruno_broker_connected", "1 while connected to RabbitMQ", self.connected.clone());
+        registry.register("bruno_broker_reconnects", "Reconnects after a lost connection", self.reconnects.clone());
+    }
+
+    pub(crate) fn outcome(&self, part: &str, outcome: &'static str) {
+        self.consumed.get_or_create(&OutcomeLabels { part: part.to_owned(), outcome }).inc();
+    }
+
+    pub(crate) fn publish(&self, outcome: &'static str) {
+        self.published.get_or_create(&PublishLabels { outcome }).inc();
+    }
+}

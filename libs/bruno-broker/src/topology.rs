@@ -1,0 +1,298 @@
+//! Exchanges, queues and bindings, declared idempotently.
+//!
+//! ```text
+//! producers ─▶ {p}bruno.events (headers) ──x-match=all──▶ {p}<part>   (quorum)
+//!                   │ alternate-exchange                    │ ▲  └─ delivery limit ─▶ {p}<part>.dlq
+//!                   ▼                                       │ │ TTL expiry
+//!              {p}bruno.unroutable (fanout ─▶ quorum)       ▼ │
+//!                                              {p}<part>.retry.<ms>ms (quorum, queue TTL)
+//! ```
+//! Retries go through one wait queue per delay tier whose queue-level TTL
+//! dead-letters back into the part's queue, so no worker sleeps and no
+//! message blocks another one's head of line.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// Delivery limit of queues that only people drain (DLQ, unroutable): high,
+/// and explicit, because RabbitMQ 4 defaults quorum queues to 20.
+const PARKING_DELIVERY_LIMIT: i32 = 1_000_000;
+
+/// Names of everything Bruno declares, under an optional prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    /// Names under `prefix` (empty in production; unique per test).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+    /// The headers exchange every event is published to.
+    pub fn exchange(&self) -> String {
+        format!("{}bruno.events", self.prefix)
+    }
+    /// The alternate exchange and queue that keep unroutable events.
+    pub fn unroutable(&self) -> String {
+        format!("{}bruno.unroutable", self.prefix)
+    }
+    /// A part's work queue.
+    pub fn queue(&self, part: &str) -> String {
+        format!("{}{part}", self.prefix)
+    }
+    /// A part's dead-letter queue.
+    pub fn dlq(&self, part: &str) -> String {
+        format!("{}{part}.dlq", self.prefix)
+    }
+    /// A part's wait queue for one retry delay tier.
+    pub fn retry(&self, part: &str, delay: Duration) -> String {
+        format!("{}{part}.retry.{}ms", self.prefix, delay.as_millis())
+    }
+}
+
+/// A part (consumer) and the events it subscribes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartSpec {
+    /// Part name, e.g. `embedder`.
+    pub name: String,
+    /// Each binding is a set of header values that must all match
+    /// (`x-match=all`); the part gets an event if any binding matches.
+    pub bindings: Vec<BTreeMap<String, String>>,
+    /// Only one consumer at a time receives (hot standby for the others).
+    pub single_active_consumer: bool,
+}
+
+impl PartSpec {
+    /// A part bound on a list of event types.
+    pub fn on_types(name: impl Into<String>, types: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            bindings: types
+                .iter()
+                .map(|t| BTreeMap::from([("type".to_owned(), (*t).to_owned())]))
+                .collect(),
+            single_active_consumer: false,
+        }
+    }
+
+    /// Mark the queue single-active-consumer.
+    pub fn single_active(mut self) -> Self {
+        self.single_active_consumer = true;
+        self
+    }
+}
+
+/// Everything to declare.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Names under the configured prefix.
+    pub names: Names,
+    /// Parts and their bindings.
+    pub parts: Vec<PartSpec>,
+    /// Retry delay tiers.
+    pub retry_delays: Vec<Duration>,
+    /// `x-delivery-limit` of the part queues.
+    pub delivery_limit: u32,
+}
+
+/// A topology that cannot be declared.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// A name is too long for AMQP.
+    #[error("name {0:?} is longer than 255 bytes")]
+    NameTooLong(String),
+    /// The broker refused a declaration.
+    #[error("declaring {what}: {source}")]
+    Broker {
+        /// What was being declared.
+        what: String,
+        /// The broker's error.
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+fn name(n: String) -> Result<ShortString, TopologyError> {
+    ShortString::try_new(n.clone()).map_err(|_| TopologyError::NameTooLong(n))
+}
+
+fn table(entries: impl IntoIterator<Item = (&'static str, AMQPValue)>) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(k.into(), v);
+    }
+    t
+}
+
+fn s(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v))
+}
+
+fn limit(n: u32) -> AMQPValue {
+    AMQPValue::LongInt(i32::try_from(n).unwrap_or(i32::MAX))
+}
+
+impl Topology {
+    /// A topology from broker config and parts.
+    pub fn new(config: &crate::BrokerConfig, parts: Vec<PartSpec>) -> Self {
+        Self {
+            names: Names::new(config.prefix.clone()),
+            parts,
+            retry_delays: config.retry_delays(),
+            delivery_limit: config.delivery_limit,
+        }
+    }
+
+    /// The spec of a part, if it is part of this topology.
+    pub fn part(&self, name: &str) -> Option<&PartSpec> {
+        self.parts.iter().find(|p| p.name == name)
+    }
+
+    /// Arguments of a part's work queue.
+    fn part_queue_args(&self, part: &PartSpec) -> FieldTable {
+        let mut args = table([
+            ("x-queue-type", s("quorum")),
+            ("x-delivery-limit", limit(self.delivery_limit)),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s(&self.names.dlq(&part.name))),
+            ("x-dead-letter-strategy", s("at-least-once")),
+            ("x-overflow", s("reject-publish")),
+        ]);
+        if part.single_active_consumer {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        args
+    }
+
+    fn parking_args() -> FieldTable {
+        table([
+            ("x-queue-type", s("quorum")),
+            ("x-delivery-limit", AMQPValue::LongInt(PARKING_DELIVERY_LIMIT)),
+        ])
+    }
+
+    fn retry_args(&self, part: &str, delay: Duration) -> FieldTable {
+        table([
+            ("x-queue-type", s("quorum")),
+            ("x-message-ttl", AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s(&self.names.queue(part))),
+            ("x-dead-letter-strategy", s("at-least-once")),
+            ("x-overflow", s("reject-publish")),
+            ("x-delivery-limit", limit(self.delivery_limit)),
+        ])
+    }
+
+    /// Declare everything; safe to call again with the same topology.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
+        let err = |what: &str| {
+            let what = what.to_owned();
+            move |source| TopologyError::Broker { what, source }
+        };
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let queue_opts = QueueDeclareOptions::durable();
+        let unroutable = self.names.unroutable();
+        channel
+            .exchange_declare(name(unroutable.clone())?, ExchangeKind::Fanout, durable, FieldTable::default())
+            .await
+            .map_err(err(&unroutable))?;
+        channel
+            .queue_declare(name(unroutable.clone())?, queue_opts, Self::parking_args())
+            .await
+            .map_err(err(&unroutable))?;
+        channel
+            .queue_bind(
+                name(unroutable.clone())?,
+                name(unroutable.clone())?,
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(err(&unroutable))?;
+        let exchange = self.names.exchange();
+        channel
+            .exchange_declare(
+                name(exchange.clone())?,
+                ExchangeKind::Headers,
+                durable,
+                table([("alternate-exchange", s(&unroutable))]),
+            )
+            .await
+            .map_err(err(&exchange))?;
+
+        for part in &self.parts {
+            let dlq = self.names.dlq(&part.name);
+            channel
+                .queue_declare(name(dlq.clone())?, queue_opts, Self::parking_args())
+                .await
+                .map_err(err(&dlq))?;
+            let queue = self.names.queue(&part.name);
+            channel
+                .queue_declare(name(queue.clone())?, queue_opts, self.part_queue_args(part))
+                .await
+                .map_err(err(&queue))?;
+            for delay in &self.retry_delays {
+                let retry = self.names.retry(&part.name, *delay);
+                channel
+                    .queue_declare(name(retry.clone())?, queue_opts, self.retry_args(&part.name, *delay))
+                    .await
+                    .map_err(err(&retry))?;
+            }
+            for binding in &part.bindings {
+                let mut args = table([("x-match", s("all"))]);
+                for (k, v) in binding {
+                    args.insert(name(k.clone())?, s(v));
+                }
+                channel
+                    .queue_bind(
+                        name(queue.clone())?,
+                        name(exchange.clone())?,
+                        "".into(),
+                        QueueBindOptions::default(),
+                        args,
+                    )
+                    .await
+                    .map_err(err(&format!("binding of {queue}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The wait queue for a retry after `failures` failed attempts.
+    pub fn retry_queue(&self, part: &str, failures: u32) -> Option<String> {
+        let last = self.retry_delays.len().checked_sub(1)?;
+        let tier = (failures.saturating_sub(1) as usize).min(last);
+        Some(self.names.retry(part, self.retry_delays[tier]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_tiers_cap_at_the_last() {
+        let config = crate::BrokerConfig { retry_delays_ms: vec![10, 100], ..Default::default() };
+        let t = Topology::new(&config, vec![]);
+        assert_eq!(t.retry_queue("p", 1).as_deref(), Some("p.retry.10ms"));
+        assert_eq!(t.retry_queue("p", 2).as_deref(), Some("p.retry.100ms"));
+        assert_eq!(t.retry_queue("p", 9).as_deref(), Some("p.retry.100ms"));
+        let none = Topology::new(&crate::BrokerConfig { retry_delays_ms: vec![], ..Default::default() }, vec![]);
+        assert_eq!(none.retry_queue("p", 1), None);
+    }
+
+    #[test]
+    fn names_carry_the_prefix() {
+        let n = Names::new("t1.");
+        assert_eq!(n.exchange(), "t1.bruno.events");
+        assert_eq!(n.queue("embedder"), "t1.embedder");
+        assert_eq!(n.dlq("embedder"), "t1.embedder.dlq");
+        assert_eq!(n.unroutable(), "t1.bruno.unroutable");
+    }
+}

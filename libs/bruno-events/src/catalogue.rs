@@ -1,0 +1,187 @@
+use schemars::JsonSchema;
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{Event, ValidationError, decode_data, payload::*};
+
+/// A catalogue payload: its struct is the event's `data`.
+pub trait EventData: Serialize + DeserializeOwned + JsonSchema + Send + Sync + 'static {
+    /// The versioned CloudEvent type, `bruno.<name>.v<n>`.
+    const TYPE: &'static str;
+
+    /// Checks beyond the schema (non-empty ids and the like).
+    fn check(&self) -> Result<(), ValidationError> {
+        Ok(())
+    }
+}
+
+/// One event type of the catalogue.
+#[derive(Clone, Copy)]
+pub struct CatalogueEntry {
+    /// The versioned CloudEvent type.
+    pub ty: &'static str,
+    /// What the event means.
+    pub summary: &'static str,
+    /// Who emits it.
+    pub producers: &'static [&'static str],
+    /// Who consumes it.
+    pub consumers: &'static [&'static str],
+    /// JSON Schema of `data`.
+    pub schema: fn() -> schemars::Schema,
+    /// Decode and check `data` of an event of this type.
+    pub check: fn(&Event) -> Result<(), ValidationError>,
+}
+
+impl std::fmt::Debug for CatalogueEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatalogueEntry").field("ty", &self.ty).finish_non_exhaustive()
+    }
+}
+
+fn check<T: EventData>(event: &Event) -> Result<(), ValidationError> {
+    decode_data::<T>(event)?.check()
+}
+
+fn non_empty(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.trim().is_empty() {
+        Err(ValidationError::new(field, "must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+macro_rules! catalogue {
+    ($( $ty:ident => $name:literal, $summary:literal, [$($p:literal),*] -> [$($c:literal),*]; )*) => {
+        $(
+            impl EventData for $ty {
+                const TYPE: &'static str = $name;
+                fn check(&self) -> Result<(), ValidationError> {
+                    extra_checks::$ty(self)
+                }
+            }
+        )*
+
+        static CATALOGUE: &[CatalogueEntry] = &[
+            $(CatalogueEntry {
+                ty: $name,
+                summary: $summary,
+                producers: &[$($p),*],
+                consumers: &[$($c),*],
+                schema: || schemars::schema_for!($ty),
+                check: check::<$ty>,
+            },)*
+        ];
+    };
+}
+
+catalogue! {
+    DocumentSubmitted => "bruno.document.submitted.v1", "a document to add to or replace in the knowledge base", ["producer", "bruno ingest"] -> ["embedder"];
+    MemoryWrite => "bruno.memory.write.v1", "rows with vectors for the single LanceDB writer", ["embedder"] -> ["writer"];
+    DocumentIndexed => "bruno.document.indexed.v1", "the writer committed a document's chunks", ["writer"] -> [];
+    SearchRequested => "bruno.search.requested.v1", "a knowledge-base search awaiting a correlated reply", ["gateway"] -> ["retriever"];
+    SearchCompleted => "bruno.search.completed.v1", "the hits of a search", ["retriever"] -> ["gateway"];
+    ChatRequested => "bruno.chat.requested.v1", "one user turn of a conversation", ["gateway"] -> ["retriever"];
+    ChatContextualized => "bruno.chat.contextualized.v1", "a chat turn with retrieved passages and memory", ["retriever"] -> ["generator"];
+    ChatDelta => "bruno.chat.delta.v1", "a streamed piece of an answer", ["generator"] -> ["gateway"];
+    ChatCompleted => "bruno.chat.completed.v1", "the final answer of a turn", ["generator"] -> ["gateway", "embedder"];
+    ChatFailed => "bruno.chat.failed.v1", "a turn that could not be answered", ["retriever", "generator"] -> ["gateway"];
+    BackupRequested => "bruno.backup.requested.v1", "take a backup of the LanceDB tables", ["PingSource", "cron", "bruno backup"] -> ["backup"];
+    BackupCompleted => "bruno.backup.completed.v1", "a verified backup exists", ["backup"] -> [];
+    BackupFailed => "bruno.backup.failed.v1", "a backup could not be taken", ["backup"] -> [];
+}
+
+/// Payload checks beyond the JSON Schema, one function per payload.
+#[allow(non_snake_case)]
+mod extra_checks {
+    use super::*;
+
+    pub fn DocumentSubmitted(d: &DocumentSubmitted) -> Result<(), ValidationError> {
+        non_empty("data.doc_id", &d.doc_id)?;
+        non_empty("data.source", &d.source)
+    }
+    pub fn MemoryWrite(d: &MemoryWrite) -> Result<(), ValidationError> {
+        for (i, row) in d.rows.iter().enumerate() {
+            non_empty(&format!("data.rows[{i}].id"), &row.id)?;
+            if row.vector.len() != d.embedder.dimension as usize {
+                return Err(ValidationError::new(
+                    format!("data.rows[{i}].vector"),
+                    format!("has {} dimensions, embedder says {}", row.vector.len(), d.embedder.dimension),
+                ));
+            }
+        }
+        Ok(())
+    }
+    pub fn DocumentIndexed(_: &DocumentIndexed) -> Result<(), ValidationError> {
+        Ok(())
+    }
+    pub fn SearchRequested(d: &SearchRequested) -> Result<(), ValidationError> {
+        non_empty("data.query", &d.query)?;
+        if d.k == 0 || d.k > 100 {
+            return Err(ValidationError::new("data.k", "must be between 1 and 100"));
+        }
+        Ok(())
+    }
+    pub fn SearchCompleted(_: &SearchCompleted) -> Result<(), ValidationError> {
+        Ok(())
+    }
+    pub fn ChatRequested(d: &ChatRequested) -> Result<(), ValidationError> {
+        non_empty("data.session_id", &d.session_id)?;
+        non_empty("data.message", &d.message)
+    }
+    pub fn ChatContextualized(d: &ChatContextualized) -> Result<(), ValidationError> {
+        ChatRequested(&d.request)
+    }
+    pub fn ChatDelta(_: &ChatDelta) -> Result<(), ValidationError> {
+        Ok(())
+    }
+    pub fn ChatCompleted(_: &ChatCompleted) -> Result<(), ValidationError> {
+        Ok(())
+    }
+    pub fn ChatFailed(_: &ChatFailed) -> Result<(), ValidationError> {
+        Ok(())
+    }
+    pub fn BackupRequested(_: &BackupRequested) -> Result<(), ValidationError> {
+        Ok(())
+    }
+    pub fn BackupCompleted(_: &BackupCompleted) -> Result<(), ValidationError> {
+        Ok(())
+    }
+    pub fn BackupFailed(_: &BackupFailed) -> Result<(), ValidationError> {
+        Ok(())
+    }
+}
+
+/// Every event type Bruno knows.
+pub fn catalogue() -> &'static [CatalogueEntry] {
+    CATALOGUE
+}
+
+/// The catalogue entry of a type, if it is known.
+pub fn entry(ty: &str) -> Option<&'static CatalogueEntry> {
+    CATALOGUE.iter().find(|e| e.ty == ty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_is_versioned_and_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for e in catalogue() {
+            assert!(e.ty.starts_with("bruno."), "{}", e.ty);
+            let version = e.ty.rsplit('.').next().unwrap_or_default();
+            assert!(version.starts_with('v') && version[1..].parse::<u32>().is_ok(), "{}", e.ty);
+            assert!(seen.insert(e.ty), "duplicate {}", e.ty);
+        }
+        assert_eq!(catalogue().len(), 13);
+    }
+
+    #[test]
+    fn schemas_name_required_fields() {
+        let schema = serde_json::to_value((entry(DocumentSubmitted::TYPE).unwrap().schema)()).unwrap();
+        let required = schema["required"].as_array().unwrap();
+        for field in ["doc_id", "source", "text"] {
+            assert!(required.iter().any(|r| r == field), "{field} not required: {schema}");
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! Typed `data` payloads of the catalogue. Field names are the wire names.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// How a submitted document's text is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DocFormat {
+    /// Plain text.
+    #[default]
+    Text,
+    /// CommonMark / GitHub-flavoured markdown.
+    Markdown,
+}
+
+/// `bruno.document.submitted.v1`: a document to add to (or replace in) the knowledge base.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentSubmitted {
+    /// Stable id of the document; a later submission with the same id replaces it.
+    pub doc_id: String,
+    /// Where the document came from (path, URL, system name).
+    pub source: String,
+    /// Human-readable title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// The document's full text.
+    pub text: String,
+    /// Whether `text` is plain text or markdown.
+    #[serde(default)]
+    pub format: DocFormat,
+    /// Free-form string metadata kept with every chunk.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Which LanceDB table a write targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Table {
+    /// The knowledge base.
+    Chunks,
+    /// Conversation turns (memory).
+    Conversations,
+}
+
+/// The embedder that produced a set of vectors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct EmbedderInfo {
+    /// Model id, e.g. `sentence-transformers/all-MiniLM-L6-v2`.
+    pub model: String,
+    /// Vector dimension.
+    pub dimension: u32,
+}
+
+/// One row to upsert, keyed by a deterministic id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MemoryRow {
+    /// Deterministic row id (so a redelivered write is a no-op).
+    pub id: String,
+    /// The text that was embedded.
+    pub text: String,
+    /// The embedding.
+    pub vector: Vec<f32>,
+    /// Table-specific columns (doc_id, source, title, session_id, role, ...).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+/// `bruno.memory.write.v1`: rows with vectors for the single LanceDB writer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryWrite {
+    /// Target table.
+    pub table: Table,
+    /// Rows to upsert.
+    pub rows: Vec<MemoryRow>,
+    /// The embedder that filled `rows`.
+    pub embedder: EmbedderInfo,
+    /// For `chunks`: the document the rows belong to.
+    #[serde(default)]
+    pub doc_id: Option<String>,
+    /// For `chunks`: the document's full chunk-id set; other chunks of the doc are removed.
+    #[serde(default)]
+    pub chunk_ids: Option<Vec<String>>,
+    /// For `chunks`: content hash of the document version.
+    #[serde(default)]
+    pub content_hash: Option<String>,
+}
+
+/// `bruno.document.indexed.v1`: the writer committed a document's chunks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DocumentIndexed {
+    /// The document.
+    pub doc_id: String,
+    /// Chunks upserted.
+    pub chunks_written: u64,
+    /// Stale chunks removed.
+    pub chunks_removed: u64,
+    /// Table version after the commit.
+    pub table_version: u64,
+}
+
+/// Metadata filters of a search; each is an exact match.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchFilters {
+    /// Only chunks from this source.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Only chunks of this document.
+    #[serde(default)]
+    pub doc_id: Option<String>,
+}
+
+fn default_k() -> u32 {
+    5
+}
+
+/// `bruno.search.requested.v1`: a search over the knowledge base.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequested {
+    /// The query text.
+    pub query: String,
+    /// Number of hits wanted.
+    #[serde(default = "default_k")]
+    pub k: u32,
+    /// Metadata filters.
+    #[serde(default)]
+    pub filters: SearchFilters,
+}
+
+/// One retrieved chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SearchHit {
+    /// Chunk id.
+    pub chunk_id: String,
+    /// Document id.
+    pub doc_id: String,
+    /// Document title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Document source.
+    pub source: String,
+    /// Chunk text.
+    pub text: String,
+    /// Fused relevance score (higher is better).
+    pub score: f32,
+}
+
+/// `bruno.search.completed.v1`: the reply to a search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SearchCompleted {
+    /// Hits, best first.
+    pub hits: Vec<SearchHit>,
+}
+
+/// Per-request generation options.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatOptions {
+    /// Model override.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Sampling temperature.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Maximum completion tokens.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Passages to retrieve.
+    #[serde(default)]
+    pub k: Option<u32>,
+    /// Stream `chat.delta` events.
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// `bruno.chat.requested.v1`: one user turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequested {
+    /// Conversation session.
+    pub session_id: String,
+    /// The user's message.
+    pub message: String,
+    /// Generation options.
+    #[serde(default)]
+    pub options: ChatOptions,
+}
+
+/// A remembered conversation turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MemoryTurn {
+    /// Turn id.
+    pub id: String,
+    /// `user` or `assistant`.
+    pub role: String,
+    /// What was said.
+    pub text: String,
+}
+
+/// `bruno.chat.contextualized.v1`: a chat turn with its retrieved context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ChatContextualized {
+    /// The original request.
+    pub request: ChatRequested,
+    /// Knowledge-base passages.
+    pub passages: Vec<SearchHit>,
+    /// Conversation memory.
+    pub memory: Vec<MemoryTurn>,
+}
+
+/// `bruno.chat.delta.v1`: a streamed piece of the answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ChatDelta {
+    /// 0-based order of this delta within the turn.
+    pub seq: u64,
+    /// Text to append.
+    pub text: String,
+}
+
+/// A source the answer used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Citation {
+    /// Chunk id.
+    pub chunk_id: String,
+    /// Document title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Document source.
+    pub source: String,
+}
+
+/// LLM token counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct TokenUsage {
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+}
+
+/// `bruno.chat.completed.v1`: the final answer of a turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ChatCompleted {
+    /// Conversation session.
+    pub session_id: String,
+    /// The user's message.
+    pub question: String,
+    /// The answer.
+    pub answer: String,
+    /// Sources used.
+    pub citations: Vec<Citation>,
+    /// Token usage.
+    pub usage: TokenUsage,
+    /// Model that answered (or `extractive-fallback`).
+    pub model: String,
+    /// True when the LLM was unavailable and the answer was extracted from passages.
+    pub fallback: bool,
+}
+
+/// `bruno.chat.failed.v1`: a turn that could not be answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ChatFailed {
+    /// Machine-readable reason code.
+    pub reason: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// `bruno.backup.requested.v1`: take a backup.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequested {
+    /// Tables to back up; empty means all.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Backup target URI; absent means the configured one.
+    #[serde(default)]
+    pub target: Option<String>,
+}
+
+/// One table in a backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TableBackup {
+    /// Table name.
+    pub name: String,
+    /// Table version captured.
+    pub version: u64,
+    /// Rows captured.
+    pub rows: u64,
+    /// Encrypted bytes written.
+    pub bytes: u64,
+}
+
+/// `bruno.backup.completed.v1`: a verified backup exists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BackupCompleted {
+    /// Backup id.
+    pub backup_id: String,
+    /// Where it was written.
+    pub target: String,
+    /// Tables captured.
+    pub tables: Vec<TableBackup>,
+    /// SHA-256 of the manifest.
+    pub manifest_sha256: String,
+}
+
+/// `bruno.backup.failed.v1`: a backup could not be taken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BackupFailed {
+    /// Machine-readable reason code.
+    pub reason: String,
+    /// Human-readable message.
+    pub message: String,
+}
