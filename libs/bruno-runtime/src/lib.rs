@@ -1,0 +1,25 @@
+//! The worker runtime every Bruno part runs on.
+//!
+//! A part is a [`Handler`]: a typed event in, events out, or a
+//! [`HandlerError`] whose [`ErrorCode`] decides retry versus dead letter (in
+//! one place, [`ErrorCode::disposition`]). The runtime owns the rest: pull
+//! mode ([`run_pull`], an AMQP consumer with acks, retries, dead letters,
+//! spans and metrics), push mode ([`push_router`], a Knative Trigger
+//! subscriber), the admin server ([`admin`]), layered config ([`config`])
+//! and shutdown ([`shutdown`]).
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod fleet;
+mod handler;
+pub mod http_events;
+pub mod problem;
+mod push;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use bruno_broker::{Broker, ErrorCode};
+pub use handler::{Context, FromEvent, Handler, HandlerError, Incoming, Raw, run_pull};
+pub use problem::Problem;
+pub use push::push_router;

@@ -1,0 +1,76 @@
+//! Push mode: the same handlers served as a Knative Trigger subscriber.
+//!
+//! Knative's data-plane contract: `POST /` with one CloudEvent (binary or
+//! structured); 200 with the reply event in the body, 202 with none; 4xx for
+//! events that can never succeed (Knative sends them to the dead-letter
+//! sink), 5xx or 429 for ones worth retrying.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bruno_broker::Disposition;
+use http::{HeaderMap, StatusCode};
+
+use crate::handler::invoke;
+use crate::http_events::{Mode, parse};
+use crate::{Context, ErrorCode, Handler, Problem};
+
+/// A router serving `handler` on `POST /`.
+pub fn push_router<H: Handler>(handler: Arc<H>, ctx: Context, max_body_bytes: usize) -> Router {
+    let route = move |headers: HeaderMap, body: Bytes| {
+        let handler = handler.clone();
+        let ctx = ctx.clone();
+        async move { deliver(handler.as_ref(), &ctx, &headers, &body).await }
+    };
+    Router::new().route("/", post(route)).layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+async fn deliver<H: Handler>(handler: &H, ctx: &Context, headers: &HeaderMap, body: &[u8]) -> Response {
+    let (mode, mut events) = match parse(headers, body) {
+        Ok(parsed) => parsed,
+        Err(p) => return p.into_response(),
+    };
+    if mode == Mode::Batch || events.len() != 1 {
+        return Problem::invalid("body", "push mode takes exactly one event").into_response();
+    }
+    let Some(event) = events.pop() else {
+        return Problem::invalid("body", "no event").into_response();
+    };
+    match invoke(handler, ctx, event, 0).await {
+        Ok(mut outputs) => match outputs.len() {
+            0 => StatusCode::ACCEPTED.into_response(),
+            1 => match outputs.pop() {
+                Some(reply) => (StatusCode::OK, reply).into_response(),
+                None => StatusCode::ACCEPTED.into_response(),
+            },
+            _ => match &ctx.broker {
+                // Knative takes one reply event; more go through the broker.
+                Some(broker) => match broker.publish_all(&outputs).await {
+                    Ok(()) => StatusCode::ACCEPTED.into_response(),
+                    Err(e) => Problem::unavailable(e.to_string(), 1).into_response(),
+                },
+                None => Problem::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "too-many-replies",
+                    format!("handler produced {} events and no broker is configured", outputs.len()),
+                )
+                .into_response(),
+            },
+        },
+        Err(e) => match e.code.disposition(e.message) {
+            Disposition::DeadLetter { code, reason } => {
+                Problem::new(StatusCode::BAD_REQUEST, code.as_str(), reason).into_response()
+            }
+            Disposition::Retry { code, reason } => match code {
+                ErrorCode::Timeout => Problem::new(StatusCode::GATEWAY_TIMEOUT, code.as_str(), reason).into_response(),
+                ErrorCode::Dependency => Problem::unavailable(reason, 1).into_response(),
+                _ => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, code.as_str(), reason).into_response(),
+            },
+            Disposition::Ack(_) => StatusCode::ACCEPTED.into_response(),
+        },
+    }
+}

@@ -1,0 +1,239 @@
+//! `bruno`: run Bruno's parts and operate it.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use bruno_broker::dlq;
+use bruno_cli::{Config, connect_for_tool, run_ingress};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bruno", version, about = "Bruno: a self-hosted AI-assistant backend on an event-driven worker fleet")]
+struct Cli {
+    /// TOML config file (defaults < file < BRUNO_* environment).
+    #[arg(long, global = true, env = "BRUNO_CONFIG_FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every part in one process on embedded defaults (a laptop setup).
+    Dev,
+    /// Run only the HTTP ingress.
+    Ingress,
+    /// Declare the exchanges, queues and bindings, then exit.
+    Topology,
+    /// Inspect and replay dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// The event catalogue.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters of a part (nothing is removed).
+    List {
+        /// The part (embedder, retriever, generator, writer, backup).
+        #[arg(long)]
+        part: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter with all its headers.
+    Show {
+        #[arg(long)]
+        part: String,
+        /// Event id.
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back on the part's queue.
+    Replay {
+        #[arg(long)]
+        part: String,
+        /// Only this event id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Only this event type.
+        #[arg(long = "type")]
+        ty: Option<String>,
+        /// Only this error code.
+        #[arg(long)]
+        code: Option<String>,
+        /// Replay everything (required when no filter is given).
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every dead letter of a part.
+    Purge {
+        #[arg(long)]
+        part: String,
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print the SHA-256 to put in ingress.api_key_hashes (key from the argument or stdin).
+    Hash { key: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// List event types.
+    List,
+    /// Print the JSON Schema of an event type's data.
+    Schema { r#type: String },
+    /// Print the AsyncAPI document of the whole catalogue.
+    Asyncapi,
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config: Config = match bruno_runtime::config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bruno: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    bruno_runtime::telemetry::init(config.log.json, &config.log.filter);
+    match run(cli.command, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bruno: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Dev | Command::Ingress => {
+            let shutdown = bruno_runtime::shutdown::on_signals();
+            run_ingress(config, shutdown, None).await
+        }
+        Command::Topology => {
+            let (_broker, cancel) = connect_for_tool(&config).await?;
+            cancel.cancel();
+            println!("topology declared");
+            Ok(())
+        }
+        Command::Dlq { command } => dlq_command(command, &config).await,
+        Command::Keys { command: KeysCommand::Hash { key } } => {
+            let key = match key {
+                Some(k) => k,
+                None => {
+                    let mut s = String::new();
+                    std::io::stdin().read_to_string(&mut s)?;
+                    s.trim().to_owned()
+                }
+            };
+            anyhow::ensure!(!key.is_empty(), "empty key");
+            println!("{}", bruno_ingress::hash_key(&key));
+            Ok(())
+        }
+        Command::Events { command } => match command {
+            EventsCommand::List => {
+                for e in bruno_events::catalogue() {
+                    println!("{:32} {}", e.ty, e.summary);
+                }
+                Ok(())
+            }
+            EventsCommand::Schema { r#type } => {
+                let entry = bruno_events::entry(&r#type).with_context(|| format!("unknown event type {type:?}"))?;
+                print_json(&(entry.schema)())
+            }
+            EventsCommand::Asyncapi => print_json(&bruno_events::asyncapi::document()),
+        },
+    }
+}
+
+async fn dlq_command(command: DlqCommand, config: &Config) -> anyhow::Result<()> {
+    let (broker, cancel) = connect_for_tool(config).await?;
+    let result = async {
+        match command {
+            DlqCommand::List { part, limit, json } => {
+                let letters = dlq::list(&broker, &part, limit).await?;
+                if json {
+                    return print_json(&letters);
+                }
+                if letters.is_empty() {
+                    println!("no dead letters in {part}.dlq");
+                }
+                for d in letters {
+                    println!("{}  {}  {}  attempts={}  {}", d.id, d.r#type, d.code, d.attempts, d.reason);
+                }
+                Ok(())
+            }
+            DlqCommand::Show { part, id, json } => {
+                let d = dlq::show(&broker, &part, &id).await?.with_context(|| format!("no dead letter {id} in {part}.dlq"))?;
+                if json {
+                    return print_json(&d);
+                }
+                println!("id:        {}\ntype:      {}\nsource:    {}\ncode:      {}\nreason:    {}\nattempts:  {}", d.id, d.r#type, d.source, d.code, d.reason, d.attempts);
+                println!("headers:");
+                for (k, v) in &d.headers {
+                    println!("  {k}: {v}");
+                }
+                println!("data ({}):\n{}", d.content_type.as_deref().unwrap_or("-"), d.data);
+                Ok(())
+            }
+            DlqCommand::Replay { part, id, ty, code, all, json } => {
+                anyhow::ensure!(all || id.is_some() || ty.is_some() || code.is_some(), "give --id, --type, --code or --all");
+                let filter = dlq::Filter { id, r#type: ty, code };
+                let report = dlq::replay(&broker, &part, &filter).await?;
+                if json {
+                    return print_json(&report);
+                }
+                println!("replayed {} dead letters to {part}; {} kept", report.replayed, report.kept);
+                Ok(())
+            }
+            DlqCommand::Purge { part, yes, json } => {
+                anyhow::ensure!(yes, "purging deletes dead letters for good; add --yes");
+                let n = dlq::purge(&broker, &part).await?;
+                if json {
+                    return print_json(&serde_json::json!({"purged": n}));
+                }
+                println!("purged {n} dead letters from {part}.dlq");
+                Ok(())
+            }
+        }
+    }
+    .await;
+    cancel.cancel();
+    result
+}

@@ -1,0 +1,257 @@
+//! The ingress: a thin HTTP front (a Knative Service) that takes CloudEvents
+//! in binary, structured or batch mode, validates them against the catalogue
+//! and publishes them to RabbitMQ. It answers 202 only after the broker
+//! confirmed every event of the request; a batch is validated whole before
+//! anything is published.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bruno_broker::{Broker, PublishError};
+use bruno_events::{AttributesReader, Limits, validate};
+use bruno_runtime::Problem;
+use bruno_runtime::http_events::{Mode, parse};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tower_http::limit::RequestBodyLimitLayer;
+
+/// Ingress settings (`[ingress]` in the config file, `BRUNO_INGRESS__*`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngressConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body, in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// Largest event `data`, in bytes (400 above it).
+    pub max_data_bytes: usize,
+    /// SHA-256 (hex) of the accepted API keys; empty means no auth.
+    /// `bruno keys hash` prints the hash of a key.
+    pub api_key_hashes: Vec<String>,
+    /// `Retry-After` seconds while the broker is unreachable.
+    pub retry_after_secs: u32,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            max_body_bytes: 4 << 20,
+            max_data_bytes: 2 << 20,
+            api_key_hashes: Vec::new(),
+            retry_after_secs: 1,
+        }
+    }
+}
+
+/// Hash an API key the way the ingress stores it.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// Ingress metrics.
+#[derive(Clone, Debug)]
+pub struct IngressMetrics {
+    requests: Family<OutcomeLabels, Counter>,
+    events: Counter,
+    publish_seconds: Histogram,
+}
+
+impl Default for IngressMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            events: Counter::default(),
+            publish_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        }
+    }
+}
+
+impl IngressMetrics {
+    /// Register in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("bruno_ingress_requests", "Ingress requests by outcome", self.requests.clone());
+        registry.register("bruno_ingress_events_accepted", "Events confirmed by the broker", self.events.clone());
+        registry.register(
+            "bruno_ingress_publish_duration_seconds",
+            "Time from a request's first publish to its last confirm",
+            self.publish_seconds.clone(),
+        );
+    }
+    fn outcome(&self, outcome: &'static str) {
+        self.requests.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}
+
+/// Shared state of the ingress handlers.
+pub struct Ingress {
+    broker: Broker,
+    keys: Vec<[u8; 32]>,
+    limits: Limits,
+    retry_after: u32,
+    metrics: IngressMetrics,
+}
+
+/// A configuration value the ingress cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid ingress.api_key_hashes[{0}]: expected 64 hex characters (SHA-256)")]
+pub struct BadKeyHash(usize);
+
+impl Ingress {
+    /// Ingress state over a started broker.
+    pub fn new(config: &IngressConfig, broker: Broker, metrics: IngressMetrics) -> Result<Self, BadKeyHash> {
+        let keys = config
+            .api_key_hashes
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                hex::decode(h.trim())
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or(BadKeyHash(i))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            broker,
+            keys,
+            limits: Limits { max_data_bytes: config.max_data_bytes, ..Limits::default() },
+            retry_after: config.retry_after_secs,
+            metrics,
+        })
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        if self.keys.is_empty() {
+            return true;
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+        let Some(key) = presented else { return false };
+        let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
+        // Compare against every key so timing does not tell which one matched.
+        self.keys.iter().fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&digest)).into()
+    }
+}
+
+/// The ingress router, with the body limit enforced by a layer.
+pub fn router(state: Arc<Ingress>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/", post(ingest))
+        .with_state(state)
+        .layer(axum::middleware::map_response(problem_for_bare_413))
+        .layer(RequestBodyLimitLayer::new(max_body_bytes))
+}
+
+/// The limit layer answers 413 with a plain body when Content-Length is too
+/// big; give it the same problem+json body as every other error.
+async fn problem_for_bare_413(response: Response) -> Response {
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem {
+        return too_large().into_response();
+    }
+    response
+}
+
+fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+fn too_large() -> Problem {
+    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", "request body exceeds the ingress limit")
+}
+
+async fn ingest(State(state): State<Arc<Ingress>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    if !state.authorized(&parts.headers) {
+        state.metrics.outcome("unauthorized");
+        let mut r = Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid API key is required").into_response();
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let body: Bytes = match axum::body::to_bytes(Body::new(body), usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => {
+            let too_big = is_length_limit(&e);
+            state.metrics.outcome("rejected");
+            return if too_big {
+                too_large().into_response()
+            } else {
+                Problem::new(StatusCode::BAD_REQUEST, "bad-body", format!("cannot read body: {e}")).into_response()
+            };
+        }
+    };
+    let (mode, events) = match parse(&parts.headers, &body) {
+        Ok(parsed) => parsed,
+        Err(p) => {
+            state.metrics.outcome("rejected");
+            return p.into_response();
+        }
+    };
+    for (i, event) in events.iter().enumerate() {
+        if let Err(e) = validate(event, &state.limits) {
+            state.metrics.outcome("rejected");
+            let mut p = Problem::from(e);
+            if mode == Mode::Batch {
+                p.field = p.field.map(|f| format!("[{i}].{f}"));
+                p.detail = format!("batch member {i}: {}", p.detail);
+            }
+            return p.into_response();
+        }
+    }
+    if !state.broker.is_connected() {
+        state.metrics.outcome("unavailable");
+        return Problem::unavailable("the broker is unreachable; retry later", state.retry_after).into_response();
+    }
+    let started = Instant::now();
+    match state.broker.publish_all(&events).await {
+        Ok(()) => {
+            state.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
+            state.metrics.outcome("accepted");
+            state.metrics.events.inc_by(events.len() as u64);
+            let ids: Vec<&str> = events.iter().map(|e| e.id()).collect();
+            (StatusCode::ACCEPTED, axum::Json(json!({"accepted": events.len(), "ids": ids}))).into_response()
+        }
+        Err(PublishError::Codec(e)) => {
+            state.metrics.outcome("rejected");
+            Problem::new(StatusCode::BAD_REQUEST, "invalid-event", e.to_string()).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "publish failed");
+            state.metrics.outcome("unavailable");
+            Problem::unavailable(format!("not confirmed by the broker: {e}"), state.retry_after).into_response()
+        }
+    }
+}
