@@ -29,13 +29,24 @@ pub enum CodecError {
 }
 
 fn invalid(name: &str, reason: impl Into<String>) -> CodecError {
-    CodecError::Invalid { name: name.to_owned(), reason: reason.into() }
+    CodecError::Invalid {
+        name: name.to_owned(),
+        reason: reason.into(),
+    }
 }
 
 const PERSISTENT: u8 = 2;
 
 /// Attribute names carried as headers (besides extensions).
-const ATTRIBUTES: [&str; 7] = ["specversion", "id", "source", "type", "time", "subject", "dataschema"];
+const ATTRIBUTES: [&str; 7] = [
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "time",
+    "subject",
+    "dataschema",
+];
 
 fn short(name: &str, value: &str) -> Result<ShortString, CodecError> {
     ShortString::try_new(value).map_err(|e| invalid(name, e.to_string()))
@@ -45,7 +56,10 @@ fn short(name: &str, value: &str) -> Result<ShortString, CodecError> {
 pub fn encode(event: &Event) -> Result<(BasicProperties, Vec<u8>), CodecError> {
     let mut headers = FieldTable::default();
     let mut put = |name: &str, value: &str| {
-        headers.insert(ShortString::from(name), AMQPValue::LongString(LongString::from(value)));
+        headers.insert(
+            ShortString::from(name),
+            AMQPValue::LongString(LongString::from(value)),
+        );
     };
     put("specversion", event.specversion().as_str());
     put("id", event.id());
@@ -62,7 +76,9 @@ pub fn encode(event: &Event) -> Result<(BasicProperties, Vec<u8>), CodecError> {
     }
     for (name, value) in event.iter_extensions() {
         let value = match value {
-            bruno_events::ExtensionValue::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+            bruno_events::ExtensionValue::String(s) => {
+                AMQPValue::LongString(LongString::from(s.as_str()))
+            }
             bruno_events::ExtensionValue::Boolean(b) => AMQPValue::Boolean(*b),
             bruno_events::ExtensionValue::Integer(i) => AMQPValue::LongLongInt(*i),
         };
@@ -80,14 +96,17 @@ pub fn encode(event: &Event) -> Result<(BasicProperties, Vec<u8>), CodecError> {
     if let Some(time) = event.time() {
         props = props.with_timestamp(u64::try_from(time.timestamp()).unwrap_or(0));
     }
-    let body = data_bytes(event).map(|d| d.into_owned()).unwrap_or_default();
+    let body = data_bytes(event)
+        .map(|d| d.into_owned())
+        .unwrap_or_default();
     Ok((props, body))
 }
 
 fn header_string(name: &str, value: &AMQPValue) -> Result<String, CodecError> {
     match value {
-        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec())
-            .map_err(|_| invalid(name, "is not UTF-8")),
+        AMQPValue::LongString(s) => {
+            String::from_utf8(s.as_bytes().to_vec()).map_err(|_| invalid(name, "is not UTF-8"))
+        }
         AMQPValue::ShortString(s) => Ok(s.as_str().to_owned()),
         other => Err(invalid(name, format!("must be a string, got {other:?}"))),
     }
@@ -97,15 +116,45 @@ fn header_string(name: &str, value: &AMQPValue) -> Result<String, CodecError> {
 fn is_attribute_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 20
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// Decode AMQP properties and body into an event.
+///
+/// Besides Bruno's own un-prefixed layout this reads what the CloudEvents
+/// RabbitMQ protocol binding writes (the Python SDK's `rabbitmq` binding):
+/// `ce-`-prefixed headers in binary mode, and structured mode with content
+/// type `application/cloudevents+json` and the whole envelope as the body.
 pub fn decode(props: &BasicProperties, body: &[u8]) -> Result<Event, CodecError> {
     let empty = FieldTable::default();
-    let headers = props.headers().as_ref().unwrap_or(&empty);
+    let raw = props.headers().as_ref().unwrap_or(&empty);
+    // Attribute name -> value; an un-prefixed header wins over a `ce-` one.
+    let mut headers: std::collections::BTreeMap<&str, &AMQPValue> =
+        std::collections::BTreeMap::new();
+    for (name, value) in raw.inner() {
+        if let Some(attr) = name.as_str().strip_prefix("ce-") {
+            headers.entry(attr).or_insert(value);
+        }
+    }
+    for (name, value) in raw.inner() {
+        headers.insert(name.as_str(), value);
+    }
+    let content_type = props.content_type().as_ref().map(|c| c.as_str().to_owned());
+    if !headers.contains_key("specversion")
+        && content_type
+            .as_deref()
+            .is_some_and(|ct| ct.starts_with("application/cloudevents+json"))
+    {
+        return serde_json::from_slice::<Event>(body)
+            .map_err(|e| invalid("body", format!("structured-mode event is not valid: {e}")));
+    }
     let get = |name: &'static str| -> Result<Option<String>, CodecError> {
-        headers.inner().get(name).map(|v| header_string(name, v)).transpose()
+        headers
+            .get(name)
+            .map(|v| header_string(name, v))
+            .transpose()
     };
     match get("specversion")? {
         Some(v) if v == bruno_events::SPEC_VERSION => {}
@@ -148,9 +197,8 @@ pub fn decode(props: &BasicProperties, body: &[u8]) -> Result<Event, CodecError>
         .map_err(|e| invalid("dataschema", e.to_string()))?;
     event.set_dataschema(schema);
 
-    for (name, value) in headers.inner() {
-        let name = name.as_str();
-        if ATTRIBUTES.contains(&name) || !is_attribute_name(name) {
+    for (&name, &value) in &headers {
+        if ATTRIBUTES.contains(&name) || name == "datacontenttype" || !is_attribute_name(name) {
             continue;
         }
         let value = match value {
@@ -171,7 +219,6 @@ pub fn decode(props: &BasicProperties, body: &[u8]) -> Result<Event, CodecError>
         event.set_extension(name, value);
     }
 
-    let content_type = props.content_type().as_ref().map(|c| c.as_str().to_owned());
     if body.is_empty() {
         event.set_datacontenttype(content_type);
     } else {
@@ -234,10 +281,16 @@ mod tests {
             Just(None),
             proptest::collection::vec(any::<u8>(), 1..512)
                 .prop_map(|b| Some(("application/octet-stream".to_owned(), b))),
-            ".+".prop_map(|s: String| Some(("text/plain; charset=utf-8".to_owned(), s.into_bytes()))),
+            ".+".prop_map(|s: String| Some((
+                "text/plain; charset=utf-8".to_owned(),
+                s.into_bytes()
+            ))),
             any::<(String, i64, bool)>().prop_map(|(s, i, b)| {
                 let v = serde_json::json!({"s": s, "i": i, "b": b, "nested": [s, {"ü": "☃"}]});
-                Some(("application/json".to_owned(), serde_json::to_vec(&v).unwrap()))
+                Some((
+                    "application/json".to_owned(),
+                    serde_json::to_vec(&v).unwrap(),
+                ))
             }),
         ]
     }
@@ -301,9 +354,15 @@ mod tests {
         let (props, body) = encode(&e).unwrap();
         assert_eq!(body, b"{}");
         assert_eq!(props.message_id().as_ref().unwrap().as_str(), "abc");
-        assert_eq!(props.content_type().as_ref().unwrap().as_str(), "application/json");
+        assert_eq!(
+            props.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
         assert_eq!(props.delivery_mode(), &Some(2));
-        assert_eq!(header_str(&props, "type").as_deref(), Some("bruno.chat.requested.v1"));
+        assert_eq!(
+            header_str(&props, "type").as_deref(),
+            Some("bruno.chat.requested.v1")
+        );
         assert_eq!(header_str(&props, "correlationid").as_deref(), Some("c1"));
         assert_eq!(header_str(&props, "specversion").as_deref(), Some("1.0"));
     }
@@ -330,7 +389,10 @@ mod tests {
         let err = decode(&BasicProperties::default(), b"").unwrap_err();
         assert_eq!(err, CodecError::Missing("specversion"));
         let mut headers = props.headers().clone().unwrap();
-        headers.insert("source".into(), AMQPValue::LongString(vec![0xff, 0xfe].into()));
+        headers.insert(
+            "source".into(),
+            AMQPValue::LongString(vec![0xff, 0xfe].into()),
+        );
         let err = decode(&props.with_headers(headers), &body).unwrap_err();
         assert!(matches!(err, CodecError::Invalid { ref name, .. } if name == "source"));
     }

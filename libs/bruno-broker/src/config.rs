@@ -74,7 +74,10 @@ impl Default for BrokerConfig {
 impl BrokerConfig {
     /// The retry delay tiers.
     pub fn retry_delays(&self) -> Vec<Duration> {
-        self.retry_delays_ms.iter().map(|ms| Duration::from_millis(*ms)).collect()
+        self.retry_delays_ms
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect()
     }
     /// The publish-confirm timeout.
     pub fn publish_timeout(&self) -> Duration {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use bruno_events::Event;
 use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
 use futures_util::future::join_all;
+use futures_util::stream::BoxStream;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -122,7 +122,9 @@ impl Broker {
     /// Wait until connected, at most `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut rx = self.inner.session.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await.is_ok()
+        tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
+            .await
+            .is_ok()
     }
 
     /// The topology this broker declared.
@@ -178,8 +180,14 @@ impl Broker {
     /// one is confirmed, or with the first failure.
     pub async fn publish_all(&self, events: &[Event]) -> Result<(), PublishError> {
         let exchange = self.inner.topology.names.exchange();
-        let encoded = events.iter().map(codec::encode).collect::<Result<Vec<_>, _>>()?;
-        let messages: Vec<_> = encoded.iter().map(|(p, b)| (p.clone(), b.as_slice())).collect();
+        let encoded = events
+            .iter()
+            .map(codec::encode)
+            .collect::<Result<Vec<_>, _>>()?;
+        let messages: Vec<_> = encoded
+            .iter()
+            .map(|(p, b)| (p.clone(), b.as_slice()))
+            .collect();
         self.publish_many(&exchange, "", messages).await
     }
 
@@ -191,7 +199,8 @@ impl Broker {
         props: BasicProperties,
         body: &[u8],
     ) -> Result<(), PublishError> {
-        self.publish_many(exchange, routing_key, vec![(props, body)]).await
+        self.publish_many(exchange, routing_key, vec![(props, body)])
+            .await
     }
 
     async fn publish_many(
@@ -208,11 +217,22 @@ impl Broker {
             metrics.publish("unavailable");
             return Err(PublishError::Unavailable("not connected".into()));
         };
-        let exchange = ShortString::try_new(exchange)
-            .map_err(|e| PublishError::Codec(CodecError::Invalid { name: "exchange".into(), reason: e.to_string() }))?;
-        let routing_key = ShortString::try_new(routing_key)
-            .map_err(|e| PublishError::Codec(CodecError::Invalid { name: "routing key".into(), reason: e.to_string() }))?;
-        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let exchange = ShortString::try_new(exchange).map_err(|e| {
+            PublishError::Codec(CodecError::Invalid {
+                name: "exchange".into(),
+                reason: e.to_string(),
+            })
+        })?;
+        let routing_key = ShortString::try_new(routing_key).map_err(|e| {
+            PublishError::Codec(CodecError::Invalid {
+                name: "routing key".into(),
+                reason: e.to_string(),
+            })
+        })?;
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
         let mut confirms = Vec::with_capacity(messages.len());
         for (props, body) in messages {
             let sent = session
@@ -241,13 +261,15 @@ impl Broker {
         for result in results {
             let outcome = match result {
                 Ok(Confirmation::Ack(None)) => Ok(()),
-                Ok(Confirmation::Ack(Some(returned))) => {
-                    Err(("returned", PublishError::Returned(returned.reply_text.to_string())))
-                }
+                Ok(Confirmation::Ack(Some(returned))) => Err((
+                    "returned",
+                    PublishError::Returned(returned.reply_text.to_string()),
+                )),
                 Ok(Confirmation::Nack(_)) => Err(("nacked", PublishError::Nacked)),
-                Ok(Confirmation::NotRequested) => {
-                    Err(("unavailable", PublishError::Unavailable("channel not in confirm mode".into())))
-                }
+                Ok(Confirmation::NotRequested) => Err((
+                    "unavailable",
+                    PublishError::Unavailable("channel not in confirm mode".into()),
+                )),
                 Err(e) => {
                     self.mark_broken(&session);
                     Err(("unavailable", PublishError::Unavailable(e.to_string())))
@@ -269,7 +291,8 @@ impl Broker {
 }
 
 async fn open(inner: &Inner) -> Result<(Session, BoxStream<'static, lapin::Event>), ConnectError> {
-    let props = ConnectionProperties::default().with_connection_name(inner.connection_name.clone().into());
+    let props =
+        ConnectionProperties::default().with_connection_name(inner.connection_name.clone().into());
     let connection = Connection::connect(inner.config.url.expose(), props).await?;
     let events = connection.events_listener().boxed();
     let setup = connection.create_channel().await?;
@@ -278,7 +301,9 @@ async fn open(inner: &Inner) -> Result<(Session, BoxStream<'static, lapin::Event
     let mut channels = Vec::new();
     for _ in 0..inner.config.publish_channels.max(1) {
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         channels.push(channel);
     }
     let session = Session {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use bruno_events::{AttributesReader, Event, correlation_id};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -71,7 +73,9 @@ impl ErrorCode {
             Self::InvalidEvent | Self::InvalidPayload | Self::UnknownType => {
                 Disposition::DeadLetter { code: self, reason }
             }
-            Self::Dependency | Self::Timeout | Self::Internal => Disposition::Retry { code: self, reason },
+            Self::Dependency | Self::Timeout | Self::Internal => {
+                Disposition::Retry { code: self, reason }
+            }
         }
     }
 }
@@ -115,7 +119,11 @@ pub struct Delivered {
 /// Turns an event into a disposition. Implemented by the worker runtime.
 pub trait Processor: Send + Sync + 'static {
     /// Process one event.
-    fn process(&self, event: Event, delivered: Delivered) -> impl Future<Output = Disposition> + Send;
+    fn process(
+        &self,
+        event: Event,
+        delivered: Delivered,
+    ) -> impl Future<Output = Disposition> + Send;
 }
 
 /// Consume a part's queue until `shutdown` fires, with at most `prefetch`
@@ -135,7 +143,9 @@ pub async fn consume<P: Processor>(
         return;
     };
     loop {
-        let Some(session) = broker.session(&shutdown).await else { return };
+        let Some(session) = broker.session(&shutdown).await else {
+            return;
+        };
         let channel = match session.connection.create_channel().await {
             Ok(c) => c,
             Err(e) => {
@@ -147,9 +157,16 @@ pub async fn consume<P: Processor>(
         };
         let tag = format!("{part}-{}", uuid::Uuid::new_v4());
         let consumer = async {
-            channel.basic_qos(prefetch.max(1), BasicQosOptions::default()).await?;
             channel
-                .basic_consume(queue_name.clone(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+                .basic_qos(prefetch.max(1), BasicQosOptions::default())
+                .await?;
+            channel
+                .basic_consume(
+                    queue_name.clone(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
                 .await
         };
         let mut consumer = match consumer.await {
@@ -180,7 +197,9 @@ pub async fn consume<P: Processor>(
         };
         if stopped {
             // Stop new deliveries; prefetched ones not yet taken go back on close.
-            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
             let n = inflight.len();
             while inflight.join_next().await.is_some() {}
             let _ = channel.close(200, "shutdown".into()).await;
@@ -197,7 +216,10 @@ async fn handle<P: Processor>(broker: Broker, part: String, processor: Arc<P>, d
     let attempts = header_u32(&delivery.properties, headers::ATTEMPTS).unwrap_or(0);
     let (disposition, span) = match codec::decode(&delivery.properties, &delivery.data) {
         Err(e) => (
-            Disposition::DeadLetter { code: ErrorCode::InvalidEvent, reason: e.to_string() },
+            Disposition::DeadLetter {
+                code: ErrorCode::InvalidEvent,
+                reason: e.to_string(),
+            },
             info_span!("message", %part, invalid = true),
         ),
         Ok(event) => {
@@ -210,12 +232,18 @@ async fn handle<P: Processor>(broker: Broker, part: String, processor: Arc<P>, d
                 correlation_id = correlation_id(&event).unwrap_or_default(),
                 attempt = attempts + 1,
             );
-            let delivered = Delivered { attempts, redelivered: delivery.redelivered };
+            let delivered = Delivered {
+                attempts,
+                redelivered: delivery.redelivered,
+            };
             let work = AssertUnwindSafe(processor.process(event, delivered)).catch_unwind();
-            let disposition = work.instrument(span.clone()).await.unwrap_or_else(|_| Disposition::Retry {
-                code: ErrorCode::Internal,
-                reason: "handler panicked".into(),
-            });
+            let disposition =
+                work.instrument(span.clone())
+                    .await
+                    .unwrap_or_else(|_| Disposition::Retry {
+                        code: ErrorCode::Internal,
+                        reason: "handler panicked".into(),
+                    });
             (disposition, span)
         }
     };
@@ -233,7 +261,13 @@ async fn handle<P: Processor>(broker: Broker, part: String, processor: Arc<P>, d
 }
 
 /// Do what the disposition needs, then ack; on any publish failure, requeue.
-async fn settle(broker: &Broker, part: &str, delivery: &Delivery, attempts: u32, disposition: Disposition) -> &'static str {
+async fn settle(
+    broker: &Broker,
+    part: &str,
+    delivery: &Delivery,
+    attempts: u32,
+    disposition: Disposition,
+) -> &'static str {
     let names = &broker.topology().names;
     let published = match disposition {
         Disposition::Ack(outputs) => broker.publish_all(&outputs).await.map(|()| "ack"),
@@ -244,20 +278,29 @@ async fn settle(broker: &Broker, part: &str, delivery: &Delivery, attempts: u32,
                 Some(queue) if failures < max => {
                     warn!(%code, %reason, failures, "retrying later");
                     let props = with_error_headers(delivery, part, code, &reason, failures);
-                    broker.publish_raw("", &queue, props, &delivery.data).await.map(|()| "retry")
+                    broker
+                        .publish_raw("", &queue, props, &delivery.data)
+                        .await
+                        .map(|()| "retry")
                 }
                 _ => {
                     let reason = format!("gave up after {failures} attempts: {reason}");
                     error!(%code, %reason, "dead-lettering");
                     let props = with_error_headers(delivery, part, code, &reason, failures);
-                    broker.publish_raw("", &names.dlq(part), props, &delivery.data).await.map(|()| "dead_letter")
+                    broker
+                        .publish_raw("", &names.dlq(part), props, &delivery.data)
+                        .await
+                        .map(|()| "dead_letter")
                 }
             }
         }
         Disposition::DeadLetter { code, reason } => {
             error!(%code, %reason, "dead-lettering");
             let props = with_error_headers(delivery, part, code, &reason, attempts + 1);
-            broker.publish_raw("", &names.dlq(part), props, &delivery.data).await.map(|()| "dead_letter")
+            broker
+                .publish_raw("", &names.dlq(part), props, &delivery.data)
+                .await
+                .map(|()| "dead_letter")
         }
     };
     match published {
@@ -271,7 +314,12 @@ async fn settle(broker: &Broker, part: &str, delivery: &Delivery, attempts: u32,
         }
         Err(e) => {
             warn!(error = %e, "publish failed; requeueing the message");
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
             "requeue"
         }
     }
@@ -286,11 +334,17 @@ fn with_error_headers(
 ) -> lapin::BasicProperties {
     let mut h = delivery.properties.headers().clone().unwrap_or_default();
     let s = |v: &str| AMQPValue::LongString(LongString::from(v));
-    h.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
+    h.insert(
+        headers::ATTEMPTS.into(),
+        AMQPValue::LongLongInt(i64::from(attempts)),
+    );
     h.insert(headers::ERROR_REASON.into(), s(reason));
     h.insert(headers::ERROR_CODE.into(), s(code.as_str()));
     h.insert(headers::PART.into(), s(part));
-    h.insert(headers::FAILED_AT.into(), s(&chrono::Utc::now().to_rfc3339()));
+    h.insert(
+        headers::FAILED_AT.into(),
+        s(&chrono::Utc::now().to_rfc3339()),
+    );
     delivery.properties.clone().with_headers(h)
 }
 
@@ -300,17 +354,35 @@ mod tests {
 
     #[test]
     fn bad_input_is_dead_lettered_everything_else_retried() {
-        for code in [ErrorCode::InvalidEvent, ErrorCode::InvalidPayload, ErrorCode::UnknownType] {
-            assert!(matches!(code.disposition("x"), Disposition::DeadLetter { .. }), "{code}");
+        for code in [
+            ErrorCode::InvalidEvent,
+            ErrorCode::InvalidPayload,
+            ErrorCode::UnknownType,
+        ] {
+            assert!(
+                matches!(code.disposition("x"), Disposition::DeadLetter { .. }),
+                "{code}"
+            );
         }
-        for code in [ErrorCode::Dependency, ErrorCode::Timeout, ErrorCode::Internal] {
-            assert!(matches!(code.disposition("x"), Disposition::Retry { .. }), "{code}");
+        for code in [
+            ErrorCode::Dependency,
+            ErrorCode::Timeout,
+            ErrorCode::Internal,
+        ] {
+            assert!(
+                matches!(code.disposition("x"), Disposition::Retry { .. }),
+                "{code}"
+            );
         }
     }
 
     #[test]
     fn codes_round_trip() {
-        for code in [ErrorCode::InvalidEvent, ErrorCode::Dependency, ErrorCode::Internal] {
+        for code in [
+            ErrorCode::InvalidEvent,
+            ErrorCode::Dependency,
+            ErrorCode::Internal,
+        ] {
             assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
         }
         assert_eq!(ErrorCode::parse("nope"), None);

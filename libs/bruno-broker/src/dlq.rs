@@ -94,14 +94,25 @@ fn describe(props: &BasicProperties, body: &[u8]) -> DeadLetter {
     let headers: BTreeMap<String, String> = props
         .headers()
         .as_ref()
-        .map(|h| h.inner().iter().map(|(k, v)| (k.as_str().to_owned(), render(v))).collect())
+        .map(|h| {
+            h.inner()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), render(v)))
+                .collect()
+        })
         .unwrap_or_default();
     let broker_reason = header_str(props, "x-first-death-reason");
-    let (code, reason) = match (header_str(props, headers::ERROR_CODE), header_str(props, headers::ERROR_REASON)) {
+    let (code, reason) = match (
+        header_str(props, headers::ERROR_CODE),
+        header_str(props, headers::ERROR_REASON),
+    ) {
         (Some(code), Some(reason)) => (code, reason),
         _ => (
             "broker".to_owned(),
-            format!("dead-lettered by RabbitMQ: {}", broker_reason.as_deref().unwrap_or("unknown")),
+            format!(
+                "dead-lettered by RabbitMQ: {}",
+                broker_reason.as_deref().unwrap_or("unknown")
+            ),
         ),
     };
     DeadLetter {
@@ -124,10 +135,14 @@ fn dlq_name(broker: &Broker, part: &str) -> Result<ShortString, DlqError> {
     if broker.topology().part(part).is_none() {
         return Err(DlqError::UnknownPart(part.to_owned()));
     }
-    ShortString::try_new(broker.topology().names.dlq(part)).map_err(|_| DlqError::UnknownPart(part.to_owned()))
+    ShortString::try_new(broker.topology().names.dlq(part))
+        .map_err(|_| DlqError::UnknownPart(part.to_owned()))
 }
 
-async fn get(channel: &Channel, queue: &ShortString) -> Result<Option<lapin::message::Delivery>, DlqError> {
+async fn get(
+    channel: &Channel,
+    queue: &ShortString,
+) -> Result<Option<lapin::message::Delivery>, DlqError> {
     Ok(channel
         .basic_get(queue.clone(), BasicGetOptions { no_ack: false })
         .await?
@@ -140,7 +155,9 @@ pub async fn list(broker: &Broker, part: &str, limit: usize) -> Result<Vec<DeadL
     let channel = broker.open_channel().await?;
     let mut out = Vec::new();
     while out.len() < limit {
-        let Some(delivery) = get(&channel, &queue).await? else { break };
+        let Some(delivery) = get(&channel, &queue).await? else {
+            break;
+        };
         out.push(describe(&delivery.properties, &delivery.data));
     }
     channel.close(200, "browsed".into()).await?;
@@ -160,7 +177,11 @@ fn matches(filter: &Filter, d: &DeadLetter) -> bool {
 }
 
 /// Put matching dead letters back on the part's queue.
-pub async fn replay(broker: &Broker, part: &str, filter: &Filter) -> Result<ReplayReport, DlqError> {
+pub async fn replay(
+    broker: &Broker,
+    part: &str,
+    filter: &Filter,
+) -> Result<ReplayReport, DlqError> {
     let queue = dlq_name(broker, part)?;
     let target = broker.topology().names.queue(part);
     let channel = broker.open_channel().await?;
@@ -175,7 +196,12 @@ pub async fn replay(broker: &Broker, part: &str, filter: &Filter) -> Result<Repl
         let cleared: Vec<ShortString> = h
             .inner()
             .keys()
-            .filter(|k| k.as_str().starts_with("x-bruno-") || k.as_str().starts_with("x-death") || k.as_str().starts_with("x-first-death") || k.as_str().starts_with("x-last-death"))
+            .filter(|k| {
+                k.as_str().starts_with("x-bruno-")
+                    || k.as_str().starts_with("x-death")
+                    || k.as_str().starts_with("x-first-death")
+                    || k.as_str().starts_with("x-last-death")
+            })
             .cloned()
             .collect();
         let mut fresh = lapin::types::FieldTable::default();
@@ -187,7 +213,9 @@ pub async fn replay(broker: &Broker, part: &str, filter: &Filter) -> Result<Repl
         fresh.insert(headers::REPLAYED.into(), AMQPValue::Boolean(true));
         h = fresh;
         let props = delivery.properties.clone().with_headers(h);
-        broker.publish_raw("", &target, props, &delivery.data).await?;
+        broker
+            .publish_raw("", &target, props, &delivery.data)
+            .await?;
         delivery.ack(BasicAckOptions::default()).await?;
         report.replayed += 1;
     }
@@ -199,7 +227,9 @@ pub async fn replay(broker: &Broker, part: &str, filter: &Filter) -> Result<Repl
 pub async fn purge(broker: &Broker, part: &str) -> Result<u32, DlqError> {
     let queue = dlq_name(broker, part)?;
     let channel = broker.open_channel().await?;
-    let n = channel.queue_purge(queue, QueuePurgeOptions::default()).await?;
+    let n = channel
+        .queue_purge(queue, QueuePurgeOptions::default())
+        .await?;
     channel.close(200, "purged".into()).await?;
     Ok(n)
 }

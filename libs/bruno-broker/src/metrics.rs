@@ -63,22 +63,45 @@ impl Default for BrokerMetrics {
 impl BrokerMetrics {
     /// Register every metric in `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("bruno_events_consumed", "Messages consumed, by part and outcome", self.consumed.clone());
+        registry.register(
+            "bruno_events_consumed",
+            "Messages consumed, by part and outcome",
+            self.consumed.clone(),
+        );
         registry.register(
             "bruno_event_handle_duration_seconds",
             "Time from delivery to ack, by part",
             self.handle_seconds.clone(),
         );
-        registry.register("bruno_events_published", "Publishes, by outcome", self.published.clone());
-        registry.register("bruno_broker_connected", "1 while connected to RabbitMQ", self.connected.clone());
-        registry.register("bruno_broker_reconnects", "Reconnects after a lost connection", self.reconnects.clone());
+        registry.register(
+            "bruno_events_published",
+            "Publishes, by outcome",
+            self.published.clone(),
+        );
+        registry.register(
+            "bruno_broker_connected",
+            "1 while connected to RabbitMQ",
+            self.connected.clone(),
+        );
+        registry.register(
+            "bruno_broker_reconnects",
+            "Reconnects after a lost connection",
+            self.reconnects.clone(),
+        );
     }
 
     pub(crate) fn outcome(&self, part: &str, outcome: &'static str) {
-        self.consumed.get_or_create(&OutcomeLabels { part: part.to_owned(), outcome }).inc();
+        self.consumed
+            .get_or_create(&OutcomeLabels {
+                part: part.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     pub(crate) fn publish(&self, outcome: &'static str) {
-        self.published.get_or_create(&PublishLabels { outcome }).inc();
+        self.published
+            .get_or_create(&PublishLabels { outcome })
+            .inc();
     }
 }

@@ -31,7 +31,9 @@ pub struct Names {
 impl Names {
     /// Names under `prefix` (empty in production; unique per test).
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
     /// The headers exchange every event is published to.
     pub fn exchange(&self) -> String {
@@ -172,14 +174,20 @@ impl Topology {
     fn parking_args() -> FieldTable {
         table([
             ("x-queue-type", s("quorum")),
-            ("x-delivery-limit", AMQPValue::LongInt(PARKING_DELIVERY_LIMIT)),
+            (
+                "x-delivery-limit",
+                AMQPValue::LongInt(PARKING_DELIVERY_LIMIT),
+            ),
         ])
     }
 
     fn retry_args(&self, part: &str, delay: Duration) -> FieldTable {
         table([
             ("x-queue-type", s("quorum")),
-            ("x-message-ttl", AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))),
+            (
+                "x-message-ttl",
+                AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+            ),
             ("x-dead-letter-exchange", s("")),
             ("x-dead-letter-routing-key", s(&self.names.queue(part))),
             ("x-dead-letter-strategy", s("at-least-once")),
@@ -194,11 +202,19 @@ impl Topology {
             let what = what.to_owned();
             move |source| TopologyError::Broker { what, source }
         };
-        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         let queue_opts = QueueDeclareOptions::durable();
         let unroutable = self.names.unroutable();
         channel
-            .exchange_declare(name(unroutable.clone())?, ExchangeKind::Fanout, durable, FieldTable::default())
+            .exchange_declare(
+                name(unroutable.clone())?,
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
             .await
             .map_err(err(&unroutable))?;
         channel
@@ -240,7 +256,11 @@ impl Topology {
             for delay in &self.retry_delays {
                 let retry = self.names.retry(&part.name, *delay);
                 channel
-                    .queue_declare(name(retry.clone())?, queue_opts, self.retry_args(&part.name, *delay))
+                    .queue_declare(
+                        name(retry.clone())?,
+                        queue_opts,
+                        self.retry_args(&part.name, *delay),
+                    )
                     .await
                     .map_err(err(&retry))?;
             }
@@ -278,12 +298,21 @@ mod tests {
 
     #[test]
     fn retry_tiers_cap_at_the_last() {
-        let config = crate::BrokerConfig { retry_delays_ms: vec![10, 100], ..Default::default() };
+        let config = crate::BrokerConfig {
+            retry_delays_ms: vec![10, 100],
+            ..Default::default()
+        };
         let t = Topology::new(&config, vec![]);
         assert_eq!(t.retry_queue("p", 1).as_deref(), Some("p.retry.10ms"));
         assert_eq!(t.retry_queue("p", 2).as_deref(), Some("p.retry.100ms"));
         assert_eq!(t.retry_queue("p", 9).as_deref(), Some("p.retry.100ms"));
-        let none = Topology::new(&crate::BrokerConfig { retry_delays_ms: vec![], ..Default::default() }, vec![]);
+        let none = Topology::new(
+            &crate::BrokerConfig {
+                retry_delays_ms: vec![],
+                ..Default::default()
+            },
+            vec![],
+        );
         assert_eq!(none.retry_queue("p", 1), None);
     }
 

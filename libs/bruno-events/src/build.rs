@@ -28,7 +28,13 @@ pub fn reply_event<T: EventData>(cause: &Event, source: &str, index: u32, data: 
 /// A deterministic id for the `index`-th event of type `ty` caused by `cause`:
 /// a UUIDv5 over the cause's idempotency key (`source`, `id`).
 pub fn derive_id(cause: &Event, ty: &str, index: u32) -> String {
-    let name = format!("{}\u{0}{}\u{0}{}\u{0}{}", cause.source(), cause.id(), ty, index);
+    let name = format!(
+        "{}\u{0}{}\u{0}{}\u{0}{}",
+        cause.source(),
+        cause.id(),
+        ty,
+        index
+    );
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, name.as_bytes()).to_string()
 }
 
@@ -57,7 +63,11 @@ pub fn data_bytes(event: &Event) -> Option<Cow<'_, [u8]>> {
 pub fn decode_data<T: DeserializeOwned>(event: &Event) -> Result<T, ValidationError> {
     let field_error = |e: serde_path_to_error::Error<serde_json::Error>| {
         let path = e.path().to_string();
-        let field = if path == "." { "data".to_owned() } else { format!("data.{path}") };
+        let field = if path == "." {
+            "data".to_owned()
+        } else {
+            format!("data.{path}")
+        };
         ValidationError::new(field, e.into_inner().to_string())
     };
     if let Some(ct) = event.datacontenttype() {
@@ -96,13 +106,43 @@ mod tests {
 
     #[test]
     fn reply_ids_are_deterministic_and_extensions_propagate() {
-        let mut cause = new_event("test", &ChatDelta { seq: 1, text: "x".into() });
+        let mut cause = new_event(
+            "test",
+            &ChatDelta {
+                seq: 1,
+                text: "x".into(),
+            },
+        );
         cause.set_extension(ext::CORRELATION_ID, ExtensionValue::from("c-1"));
         cause.set_extension(ext::REPLY_TO, ExtensionValue::from("gw-1"));
         cause.set_extension("other", ExtensionValue::from("no"));
-        let a = reply_event(&cause, "r", 0, &ChatDelta { seq: 2, text: "y".into() });
-        let b = reply_event(&cause, "r", 0, &ChatDelta { seq: 2, text: "y".into() });
-        let c = reply_event(&cause, "r", 1, &ChatDelta { seq: 2, text: "y".into() });
+        let a = reply_event(
+            &cause,
+            "r",
+            0,
+            &ChatDelta {
+                seq: 2,
+                text: "y".into(),
+            },
+        );
+        let b = reply_event(
+            &cause,
+            "r",
+            0,
+            &ChatDelta {
+                seq: 2,
+                text: "y".into(),
+            },
+        );
+        let c = reply_event(
+            &cause,
+            "r",
+            1,
+            &ChatDelta {
+                seq: 2,
+                text: "y".into(),
+            },
+        );
         assert_eq!(a.id(), b.id());
         assert_ne!(a.id(), c.id());
         assert_eq!(correlation_id(&a), Some("c-1"));

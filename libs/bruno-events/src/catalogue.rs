@@ -33,7 +33,9 @@ pub struct CatalogueEntry {
 
 impl std::fmt::Debug for CatalogueEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CatalogueEntry").field("ty", &self.ty).finish_non_exhaustive()
+        f.debug_struct("CatalogueEntry")
+            .field("ty", &self.ty)
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,7 +106,11 @@ mod extra_checks {
             if row.vector.len() != d.embedder.dimension as usize {
                 return Err(ValidationError::new(
                     format!("data.rows[{i}].vector"),
-                    format!("has {} dimensions, embedder says {}", row.vector.len(), d.embedder.dimension),
+                    format!(
+                        "has {} dimensions, embedder says {}",
+                        row.vector.len(),
+                        d.embedder.dimension
+                    ),
                 ));
             }
         }
@@ -170,7 +176,11 @@ mod tests {
         for e in catalogue() {
             assert!(e.ty.starts_with("bruno."), "{}", e.ty);
             let version = e.ty.rsplit('.').next().unwrap_or_default();
-            assert!(version.starts_with('v') && version[1..].parse::<u32>().is_ok(), "{}", e.ty);
+            assert!(
+                version.starts_with('v') && version[1..].parse::<u32>().is_ok(),
+                "{}",
+                e.ty
+            );
             assert!(seen.insert(e.ty), "duplicate {}", e.ty);
         }
         assert_eq!(catalogue().len(), 13);
@@ -178,10 +188,14 @@ mod tests {
 
     #[test]
     fn schemas_name_required_fields() {
-        let schema = serde_json::to_value((entry(DocumentSubmitted::TYPE).unwrap().schema)()).unwrap();
+        let schema =
+            serde_json::to_value((entry(DocumentSubmitted::TYPE).unwrap().schema)()).unwrap();
         let required = schema["required"].as_array().unwrap();
         for field in ["doc_id", "source", "text"] {
-            assert!(required.iter().any(|r| r == field), "{field} not required: {schema}");
+            assert!(
+                required.iter().any(|r| r == field),
+                "{field} not required: {schema}"
+            );
         }
     }
 }

@@ -15,8 +15,10 @@ mod validate;
 pub use build::{correlation_id, data_bytes, decode_data, derive_id, new_event, reply_event};
 pub use catalogue::{CatalogueEntry, EventData, catalogue, entry};
 pub use cloudevents::event::ExtensionValue;
+pub use cloudevents::{
+    AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventBuilderV10,
+};
 pub use url::Url;
-pub use cloudevents::{AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventBuilderV10};
 pub use validate::{Limits, ValidationError, validate};
 
 /// The only CloudEvents spec version Bruno accepts.

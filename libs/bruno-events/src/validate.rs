@@ -18,7 +18,10 @@ pub struct ValidationError {
 impl ValidationError {
     /// A new error about `field`.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -35,7 +38,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_data_bytes: 1 << 20, max_attribute_bytes: 4096, max_extensions: 32 }
+        Self {
+            max_data_bytes: 1 << 20,
+            max_attribute_bytes: 4096,
+            max_extensions: 32,
+        }
     }
 }
 
@@ -49,7 +56,11 @@ pub fn validate(event: &Event, limits: &Limits) -> Result<(), ValidationError> {
             format!("must be 1.0, got {}", event.specversion()),
         ));
     }
-    for (field, value) in [("id", event.id()), ("source", event.source().as_str()), ("type", event.ty())] {
+    for (field, value) in [
+        ("id", event.id()),
+        ("source", event.source().as_str()),
+        ("type", event.ty()),
+    ] {
         if value.is_empty() {
             return Err(ValidationError::new(field, "must not be empty"));
         }
@@ -57,10 +68,13 @@ pub fn validate(event: &Event, limits: &Limits) -> Result<(), ValidationError> {
             return Err(ValidationError::new(field, too_long(value.len(), limits)));
         }
     }
-    if let Some(subject) = event.subject() {
-        if subject.len() > limits.max_attribute_bytes {
-            return Err(ValidationError::new("subject", too_long(subject.len(), limits)));
-        }
+    if let Some(subject) = event.subject()
+        && subject.len() > limits.max_attribute_bytes
+    {
+        return Err(ValidationError::new(
+            "subject",
+            too_long(subject.len(), limits),
+        ));
     }
     let mut count = 0;
     for (name, value) in event.iter_extensions() {
@@ -85,37 +99,51 @@ pub fn validate(event: &Event, limits: &Limits) -> Result<(), ValidationError> {
     if count > limits.max_extensions {
         return Err(ValidationError::new(
             "extensions",
-            format!("{count} extensions, at most {} allowed", limits.max_extensions),
+            format!(
+                "{count} extensions, at most {} allowed",
+                limits.max_extensions
+            ),
         ));
     }
-    if let Some(tp) = crate::ext_str(event, ext::TRACEPARENT) {
-        if !valid_traceparent(tp) {
-            return Err(ValidationError::new(ext::TRACEPARENT, "is not a W3C traceparent"));
-        }
+    if let Some(tp) = crate::ext_str(event, ext::TRACEPARENT)
+        && !valid_traceparent(tp)
+    {
+        return Err(ValidationError::new(
+            ext::TRACEPARENT,
+            "is not a W3C traceparent",
+        ));
     }
-    if let Some(len) = data_bytes(event).map(|d| d.len()) {
-        if len > limits.max_data_bytes {
-            return Err(ValidationError::new(
-                "data",
-                format!("is {len} bytes, at most {} allowed", limits.max_data_bytes),
-            ));
-        }
+    if let Some(len) = data_bytes(event).map(|d| d.len())
+        && len > limits.max_data_bytes
+    {
+        return Err(ValidationError::new(
+            "data",
+            format!("is {len} bytes, at most {} allowed", limits.max_data_bytes),
+        ));
     }
     let Some(entry) = entry(event.ty()) else {
-        return Err(ValidationError::new("type", format!("unknown event type {:?}", event.ty())));
+        return Err(ValidationError::new(
+            "type",
+            format!("unknown event type {:?}", event.ty()),
+        ));
     };
     (entry.check)(event)
 }
 
 fn too_long(len: usize, limits: &Limits) -> String {
-    format!("is {len} bytes, at most {} allowed", limits.max_attribute_bytes)
+    format!(
+        "is {len} bytes, at most {} allowed",
+        limits.max_attribute_bytes
+    )
 }
 
 /// CloudEvents attribute names: lowercase ASCII letters or digits, at most 20.
 pub(crate) fn valid_attribute_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 20
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
@@ -174,7 +202,10 @@ mod tests {
         assert!(err.message.contains("text"), "{err}");
 
         let mut e = doc();
-        e.set_data(JSON, serde_json::json!({"doc_id": " ", "source": "s", "text": "t"}));
+        e.set_data(
+            JSON,
+            serde_json::json!({"doc_id": " ", "source": "s", "text": "t"}),
+        );
         assert_eq!(validate(&e, &limits).unwrap_err().field, "data.doc_id");
 
         let mut e = doc();
@@ -185,14 +216,23 @@ mod tests {
         e.set_extension("Bad-Name", ExtensionValue::from("x"));
         assert_eq!(validate(&e, &limits).unwrap_err().field, "Bad-Name");
 
-        let small = Limits { max_data_bytes: 10, ..Limits::default() };
+        let small = Limits {
+            max_data_bytes: 10,
+            ..Limits::default()
+        };
         assert_eq!(validate(&doc(), &small).unwrap_err().field, "data");
     }
 
     #[test]
     fn traceparent_format() {
-        assert!(valid_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
-        assert!(!valid_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
-        assert!(!valid_traceparent("00-4bf92f3577b34da6-00f067aa0ba902b7-01"));
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-4bf92f3577b34da6-00f067aa0ba902b7-01"
+        ));
     }
 }

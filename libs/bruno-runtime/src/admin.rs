@@ -29,13 +29,21 @@ impl Readiness {
         Self::default()
     }
     /// Add a check.
-    pub fn check(mut self, name: impl Into<String>, f: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+    pub fn check(
+        mut self,
+        name: impl Into<String>,
+        f: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Self {
         self.checks.push((name.into(), Box::new(f)));
         self
     }
     /// Names of the failing checks.
     pub fn failing(&self) -> Vec<&str> {
-        self.checks.iter().filter(|(_, f)| !f()).map(|(n, _)| n.as_str()).collect()
+        self.checks
+            .iter()
+            .filter(|(_, f)| !f())
+            .map(|(n, _)| n.as_str())
+            .collect()
     }
 }
 
@@ -46,7 +54,10 @@ struct AdminState {
 
 /// The admin router.
 pub fn router(registry: Arc<Mutex<Registry>>, readiness: Readiness) -> Router {
-    let state = Arc::new(AdminState { registry, readiness });
+    let state = Arc::new(AdminState {
+        registry,
+        readiness,
+    });
     Router::new()
         .route("/live", get(|| async { "live" }))
         .route("/ready", get(ready))
@@ -59,7 +70,11 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
     if failing.is_empty() {
         (StatusCode::OK, axum::Json(json!({"ready": true}))).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"ready": false, "failing": failing}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"ready": false, "failing": failing})),
+        )
+            .into_response()
     }
 }
 
@@ -74,7 +89,9 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
             let mut r = body.into_response();
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             r
         }

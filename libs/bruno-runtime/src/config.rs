@@ -17,7 +17,10 @@ pub fn load<C: DeserializeOwned>(file: Option<&Path>) -> Result<C, ConfigError> 
     let mut figment = Figment::new();
     if let Some(path) = file {
         if !path.exists() {
-            return Err(ConfigError(format!("config file {} does not exist", path.display())));
+            return Err(ConfigError(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
         }
         figment = figment.merge(Toml::file(path));
     }
@@ -27,7 +30,11 @@ pub fn load<C: DeserializeOwned>(file: Option<&Path>) -> Result<C, ConfigError> 
             .into_iter()
             .map(|e| {
                 let key = e.path.join(".");
-                if key.is_empty() { e.kind.to_string() } else { format!("key {key}: {}", e.kind) }
+                if key.is_empty() {
+                    e.kind.to_string()
+                } else {
+                    format!("key {key}: {}", e.kind)
+                }
             })
             .collect();
         ConfigError(messages.join("; "))
@@ -48,11 +55,15 @@ mod tests {
 
     impl Default for Sample {
         fn default() -> Self {
-            Self { limit: 3, name: "d".into() }
+            Self {
+                limit: 3,
+                name: "d".into(),
+            }
         }
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's signature
     fn layers_and_key_errors() {
         figment::Jail::expect_with(|jail| {
             assert_eq!(load::<Sample>(None).unwrap(), Sample::default());

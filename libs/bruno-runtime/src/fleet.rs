@@ -24,7 +24,11 @@ mod tests {
         for part in super::parts() {
             for binding in &part.bindings {
                 let ty = &binding["type"];
-                assert!(bruno_events::entry(ty).is_some(), "{} binds unknown {ty}", part.name);
+                assert!(
+                    bruno_events::entry(ty).is_some(),
+                    "{} binds unknown {ty}",
+                    part.name
+                );
             }
         }
     }

@@ -20,9 +20,18 @@ pub struct Context {
 
 impl Context {
     /// A context for `part`, emitting with source `bruno/<part>`.
-    pub fn new(part: impl Into<String>, broker: Option<Broker>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        part: impl Into<String>,
+        broker: Option<Broker>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let part = part.into();
-        Self { source: format!("bruno/{part}"), part, broker, shutdown }
+        Self {
+            source: format!("bruno/{part}"),
+            part,
+            broker,
+            shutdown,
+        }
     }
 }
 
@@ -39,7 +48,10 @@ pub struct HandlerError {
 impl HandlerError {
     /// A failure with a code.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
     /// The input can never be processed.
     pub fn invalid_payload(message: impl Into<String>) -> Self {
@@ -69,8 +81,10 @@ impl<T: EventData> FromEvent for T {
                 format!("expected {}, got {}", T::TYPE, event.ty()),
             ));
         }
-        let data: T = decode_data(event).map_err(|e| HandlerError::invalid_payload(e.to_string()))?;
-        data.check().map_err(|e| HandlerError::invalid_payload(e.to_string()))?;
+        let data: T =
+            decode_data(event).map_err(|e| HandlerError::invalid_payload(e.to_string()))?;
+        data.check()
+            .map_err(|e| HandlerError::invalid_payload(e.to_string()))?;
         Ok(data)
     }
 }
@@ -117,7 +131,16 @@ pub(crate) async fn invoke<H: Handler>(
     attempts: u32,
 ) -> Result<Vec<Event>, HandlerError> {
     let data = H::Input::from_event(&event)?;
-    handler.handle(Incoming { event, data, attempts }, ctx).await
+    handler
+        .handle(
+            Incoming {
+                event,
+                data,
+                attempts,
+            },
+            ctx,
+        )
+        .await
 }
 
 struct Adapter<H> {

@@ -1,7 +1,7 @@
 //! CloudEvents over HTTP: binary, structured and batch mode, with errors
 //! that name the attribute at fault.
 
-use bruno_events::Event;
+use bruno_events::{AttributesWriter, Event};
 use http::{HeaderMap, StatusCode, header};
 use serde_json::{Map, Value};
 
@@ -27,7 +27,13 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
 }
 
 /// Parse a request into events. Nothing is half-accepted: any invalid batch
@@ -68,7 +74,9 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<(Mode, Vec<Event>), Pro
             "unsupported-media-type",
             format!("unsupported event format {other:?}; use {STRUCTURED} or {BATCH}"),
         )),
-        _ if headers.contains_key("ce-specversion") => Ok((Mode::Binary, vec![binary(headers, body)?])),
+        _ if headers.contains_key("ce-specversion") => {
+            Ok((Mode::Binary, vec![binary(headers, body)?]))
+        }
         Some("application/json") | None => Err(Problem::invalid(
             "specversion",
             "is required (binary mode needs the ce-specversion header; structured mode needs content type application/cloudevents+json)",
@@ -94,13 +102,19 @@ fn check_specversion(v: &str) -> Result<(), Problem> {
     if v == bruno_events::SPEC_VERSION {
         Ok(())
     } else {
-        Err(Problem::invalid("specversion", format!("must be 1.0, got {v:?}")))
+        Err(Problem::invalid(
+            "specversion",
+            format!("must be 1.0, got {v:?}"),
+        ))
     }
 }
 
 fn structured(value: Value) -> Result<Event, Problem> {
     let Value::Object(obj) = &value else {
-        return Err(Problem::invalid("body", "a structured event must be a JSON object"));
+        return Err(Problem::invalid(
+            "body",
+            "a structured event must be a JSON object",
+        ));
     };
     check_specversion(required_str(obj, "specversion")?)?;
     for name in ["id", "source", "type"] {
@@ -109,24 +123,75 @@ fn structured(value: Value) -> Result<Event, Problem> {
     serde_json::from_value::<Event>(value).map_err(|e| Problem::invalid("body", e.to_string()))
 }
 
+/// Binary mode, decoded here rather than by the SDK so that header values
+/// are percent-decoded (HTTP binding §3.1.3.2) and errors name the attribute.
 fn binary(headers: &HeaderMap, body: &[u8]) -> Result<Event, Problem> {
-    let get = |name: &str| -> Result<&str, Problem> {
+    let get = |name: &str| -> Result<Option<String>, Problem> {
         let attr = &name["ce-".len()..];
-        match headers.get(name) {
-            None => Err(Problem::invalid(attr, format!("is required (header {name})"))),
-            Some(v) => match v.to_str() {
-                Ok("") => Err(Problem::invalid(attr, "must not be empty")),
-                Ok(s) => Ok(s),
-                Err(_) => Err(Problem::invalid(attr, "is not valid ASCII")),
-            },
+        headers
+            .get(name)
+            .map(|v| decode_header(attr, v.as_bytes()))
+            .transpose()
+    };
+    let required = |name: &str| -> Result<String, Problem> {
+        let attr = &name["ce-".len()..];
+        match get(name)? {
+            None => Err(Problem::invalid(
+                attr,
+                format!("is required (header {name})"),
+            )),
+            Some(v) if v.is_empty() => Err(Problem::invalid(attr, "must not be empty")),
+            Some(v) => Ok(v),
         }
     };
-    check_specversion(get("ce-specversion")?)?;
-    for name in ["ce-id", "ce-source", "ce-type"] {
-        get(name)?;
+    check_specversion(&required("ce-specversion")?)?;
+    let mut event = Event::default();
+    event.set_id(required("ce-id")?);
+    event.set_source(required("ce-source")?);
+    event.set_type(required("ce-type")?);
+    let time = get("ce-time")?
+        .map(|t| chrono::DateTime::parse_from_rfc3339(&t).map(|t| t.with_timezone(&chrono::Utc)))
+        .transpose()
+        .map_err(|e| Problem::invalid("time", format!("not RFC 3339: {e}")))?;
+    event.set_time(time);
+    event.set_subject(get("ce-subject")?);
+    let schema = get("ce-dataschema")?
+        .map(|s| bruno_events::Url::parse(&s))
+        .transpose()
+        .map_err(|e| Problem::invalid("dataschema", format!("not a URI: {e}")))?;
+    event.set_dataschema(schema);
+    for (name, value) in headers {
+        let Some(attr) = name.as_str().strip_prefix("ce-") else {
+            continue;
+        };
+        if matches!(
+            attr,
+            "specversion" | "id" | "source" | "type" | "time" | "subject" | "dataschema"
+        ) {
+            continue;
+        }
+        let value = decode_header(attr, value.as_bytes())?;
+        event.set_extension(attr, bruno_events::ExtensionValue::String(value));
     }
-    cloudevents::binding::http::to_event(headers, body.to_vec())
-        .map_err(|e| Problem::invalid("headers", e.to_string()))
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().map(str::to_owned))
+        .transpose()
+        .map_err(|_| Problem::invalid("datacontenttype", "is not valid ASCII"))?;
+    if body.is_empty() {
+        event.set_datacontenttype(content_type);
+    } else if let Some(ct) = content_type {
+        event.set_data(ct, bruno_events::Data::Binary(body.to_vec()));
+    } else {
+        event.set_data_unchecked(bruno_events::Data::Binary(body.to_vec()));
+    }
+    Ok(event)
+}
+
+fn decode_header(attr: &str, raw: &[u8]) -> Result<String, Problem> {
+    let decoded: Vec<u8> = percent_encoding::percent_decode(raw).collect();
+    String::from_utf8(decoded)
+        .map_err(|_| Problem::invalid(attr, "is not UTF-8 after percent-decoding"))
 }
 
 #[cfg(test)]
@@ -156,16 +221,54 @@ mod tests {
         let (mode, events) = parse(&h, b"{\"a\":1}").unwrap();
         assert_eq!(mode, Mode::Binary);
         assert_eq!(events[0].id(), "1");
-        assert_eq!(bruno_events::ext_str(&events[0], "correlationid"), Some("c"));
-        assert_eq!(bruno_events::data_bytes(&events[0]).unwrap().as_ref(), b"{\"a\":1}");
+        assert_eq!(
+            bruno_events::ext_str(&events[0], "correlationid"),
+            Some("c")
+        );
+        assert_eq!(
+            bruno_events::data_bytes(&events[0]).unwrap().as_ref(),
+            b"{\"a\":1}"
+        );
+    }
+
+    #[test]
+    fn binary_header_values_are_percent_decoded() {
+        let h = headers(&[
+            ("ce-specversion", "1.0"),
+            ("ce-id", "1"),
+            ("ce-source", "s"),
+            ("ce-type", "t"),
+            ("ce-subject", "a%20b%E2%98%83%25"),
+            ("ce-time", "2026-11-25T10:00:00Z"),
+        ]);
+        let (_, events) = parse(&h, b"").unwrap();
+        use bruno_events::AttributesReader;
+        assert_eq!(events[0].subject(), Some("a b\u{2603}%"));
+        assert!(events[0].data().is_none());
+        let h = headers(&[
+            ("ce-specversion", "1.0"),
+            ("ce-id", "1"),
+            ("ce-source", "s"),
+            ("ce-type", "t"),
+            ("ce-time", "yesterday"),
+        ]);
+        assert_eq!(parse(&h, b"").unwrap_err().field.as_deref(), Some("time"));
     }
 
     #[test]
     fn missing_attributes_are_named() {
         let h = headers(&[("ce-specversion", "1.0"), ("ce-id", "1"), ("ce-type", "t")]);
         assert_eq!(parse(&h, b"").unwrap_err().field.as_deref(), Some("source"));
-        let h = headers(&[("ce-specversion", "0.3"), ("ce-id", "1"), ("ce-source", "s"), ("ce-type", "t")]);
-        assert_eq!(parse(&h, b"").unwrap_err().field.as_deref(), Some("specversion"));
+        let h = headers(&[
+            ("ce-specversion", "0.3"),
+            ("ce-id", "1"),
+            ("ce-source", "s"),
+            ("ce-type", "t"),
+        ]);
+        assert_eq!(
+            parse(&h, b"").unwrap_err().field.as_deref(),
+            Some("specversion")
+        );
         let h = headers(&[("content-type", STRUCTURED)]);
         let p = parse(&h, br#"{"specversion":"1.0","source":"s","type":"t"}"#).unwrap_err();
         assert_eq!(p.field.as_deref(), Some("id"));

@@ -43,12 +43,22 @@ impl Problem {
     pub fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Self {
         let field = field.into();
         let detail = detail.into();
-        Self { field: Some(field.clone()), ..Self::new(StatusCode::BAD_REQUEST, "invalid-event", format!("invalid {field}: {detail}")) }
+        Self {
+            field: Some(field.clone()),
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-event",
+                format!("invalid {field}: {detail}"),
+            )
+        }
     }
 
     /// 503 with `Retry-After`.
     pub fn unavailable(detail: impl Into<String>, retry_after: u32) -> Self {
-        Self { retry_after: Some(retry_after), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail) }
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+        }
     }
 
     /// The HTTP status.
@@ -69,7 +79,10 @@ impl IntoResponse for Problem {
         let retry_after = self.retry_after;
         let mut response = (status, Json(self)).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if let Some(secs) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

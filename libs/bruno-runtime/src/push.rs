@@ -26,10 +26,17 @@ pub fn push_router<H: Handler>(handler: Arc<H>, ctx: Context, max_body_bytes: us
         let ctx = ctx.clone();
         async move { deliver(handler.as_ref(), &ctx, &headers, &body).await }
     };
-    Router::new().route("/", post(route)).layer(DefaultBodyLimit::max(max_body_bytes))
+    Router::new()
+        .route("/", post(route))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
-async fn deliver<H: Handler>(handler: &H, ctx: &Context, headers: &HeaderMap, body: &[u8]) -> Response {
+async fn deliver<H: Handler>(
+    handler: &H,
+    ctx: &Context,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
     let (mode, mut events) = match parse(headers, body) {
         Ok(parsed) => parsed,
         Err(p) => return p.into_response(),
@@ -56,7 +63,10 @@ async fn deliver<H: Handler>(handler: &H, ctx: &Context, headers: &HeaderMap, bo
                 None => Problem::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "too-many-replies",
-                    format!("handler produced {} events and no broker is configured", outputs.len()),
+                    format!(
+                        "handler produced {} events and no broker is configured",
+                        outputs.len()
+                    ),
                 )
                 .into_response(),
             },
@@ -66,9 +76,12 @@ async fn deliver<H: Handler>(handler: &H, ctx: &Context, headers: &HeaderMap, bo
                 Problem::new(StatusCode::BAD_REQUEST, code.as_str(), reason).into_response()
             }
             Disposition::Retry { code, reason } => match code {
-                ErrorCode::Timeout => Problem::new(StatusCode::GATEWAY_TIMEOUT, code.as_str(), reason).into_response(),
+                ErrorCode::Timeout => {
+                    Problem::new(StatusCode::GATEWAY_TIMEOUT, code.as_str(), reason).into_response()
+                }
                 ErrorCode::Dependency => Problem::unavailable(reason, 1).into_response(),
-                _ => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, code.as_str(), reason).into_response(),
+                _ => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, code.as_str(), reason)
+                    .into_response(),
             },
             Disposition::Ack(_) => StatusCode::ACCEPTED.into_response(),
         },

@@ -38,7 +38,9 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([0, 0, 0, 0], 9090)) }
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+        }
     }
 }
 
@@ -54,12 +56,20 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { json: false, filter: "info,lapin=warn".into() }
+        Self {
+            json: false,
+            filter: "info,lapin=warn".into(),
+        }
     }
 }
 
 /// A started broker connection with the fleet's topology and its metrics.
-pub fn start_broker(config: &BrokerConfig, name: &str, registry: &mut Registry, cancel: CancellationToken) -> Broker {
+pub fn start_broker(
+    config: &BrokerConfig,
+    name: &str,
+    registry: &mut Registry,
+    cancel: CancellationToken,
+) -> Broker {
     let metrics = BrokerMetrics::default();
     metrics.register(registry);
     let topology = Topology::new(config, bruno_runtime::fleet::parts());
@@ -85,7 +95,12 @@ pub async fn run_ingress(
 ) -> anyhow::Result<()> {
     let broker_cancel = CancellationToken::new();
     let mut registry = Registry::default();
-    let broker = start_broker(&config.broker, "bruno-ingress", &mut registry, broker_cancel.clone());
+    let broker = start_broker(
+        &config.broker,
+        "bruno-ingress",
+        &mut registry,
+        broker_cancel.clone(),
+    );
     let metrics = IngressMetrics::default();
     metrics.register(&mut registry);
     let ingress = Arc::new(Ingress::new(&config.ingress, broker.clone(), metrics)?);
@@ -103,7 +118,10 @@ pub async fn run_ingress(
         .with_context(|| format!("binding ingress.listen {}", config.ingress.listen))?;
     info!(%addr, %admin_addr, "ingress listening");
     if let Some(tx) = ready {
-        let _ = tx.send(Bound { ingress: addr, admin: admin_addr });
+        let _ = tx.send(Bound {
+            ingress: addr,
+            admin: admin_addr,
+        });
     }
     task.await??;
     admin_task.await??;
@@ -114,7 +132,12 @@ pub async fn run_ingress(
 /// Connect for a one-off command; fails if the broker does not answer.
 pub async fn connect_for_tool(config: &Config) -> anyhow::Result<(Broker, CancellationToken)> {
     let cancel = CancellationToken::new();
-    let broker = start_broker(&config.broker, "bruno-cli", &mut Registry::default(), cancel.clone());
+    let broker = start_broker(
+        &config.broker,
+        "bruno-cli",
+        &mut Registry::default(),
+        cancel.clone(),
+    );
     if !broker.wait_connected(Duration::from_secs(10)).await {
         cancel.cancel();
         anyhow::bail!("cannot reach RabbitMQ at broker.url within 10s");

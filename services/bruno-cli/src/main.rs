@@ -10,7 +10,11 @@ use bruno_cli::{Config, connect_for_tool, run_ingress};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "bruno", version, about = "Bruno: a self-hosted AI-assistant backend on an event-driven worker fleet")]
+#[command(
+    name = "bruno",
+    version,
+    about = "Bruno: a self-hosted AI-assistant backend on an event-driven worker fleet"
+)]
 struct Cli {
     /// TOML config file (defaults < file < BRUNO_* environment).
     #[arg(long, global = true, env = "BRUNO_CONFIG_FILE")]
@@ -153,7 +157,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => dlq_command(command, &config).await,
-        Command::Keys { command: KeysCommand::Hash { key } } => {
+        Command::Keys {
+            command: KeysCommand::Hash { key },
+        } => {
             let key = match key {
                 Some(k) => k,
                 None => {
@@ -174,7 +180,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 Ok(())
             }
             EventsCommand::Schema { r#type } => {
-                let entry = bruno_events::entry(&r#type).with_context(|| format!("unknown event type {type:?}"))?;
+                let entry = bruno_events::entry(&r#type)
+                    .with_context(|| format!("unknown event type {type:?}"))?;
                 print_json(&(entry.schema)())
             }
             EventsCommand::Asyncapi => print_json(&bruno_events::asyncapi::document()),

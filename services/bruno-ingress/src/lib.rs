@@ -90,8 +90,16 @@ impl Default for IngressMetrics {
 impl IngressMetrics {
     /// Register in `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("bruno_ingress_requests", "Ingress requests by outcome", self.requests.clone());
-        registry.register("bruno_ingress_events_accepted", "Events confirmed by the broker", self.events.clone());
+        registry.register(
+            "bruno_ingress_requests",
+            "Ingress requests by outcome",
+            self.requests.clone(),
+        );
+        registry.register(
+            "bruno_ingress_events_accepted",
+            "Events confirmed by the broker",
+            self.events.clone(),
+        );
         registry.register(
             "bruno_ingress_publish_duration_seconds",
             "Time from a request's first publish to its last confirm",
@@ -99,7 +107,9 @@ impl IngressMetrics {
         );
     }
     fn outcome(&self, outcome: &'static str) {
-        self.requests.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 }
 
@@ -119,7 +129,11 @@ pub struct BadKeyHash(usize);
 
 impl Ingress {
     /// Ingress state over a started broker.
-    pub fn new(config: &IngressConfig, broker: Broker, metrics: IngressMetrics) -> Result<Self, BadKeyHash> {
+    pub fn new(
+        config: &IngressConfig,
+        broker: Broker,
+        metrics: IngressMetrics,
+    ) -> Result<Self, BadKeyHash> {
         let keys = config
             .api_key_hashes
             .iter()
@@ -134,7 +148,10 @@ impl Ingress {
         Ok(Self {
             broker,
             keys,
-            limits: Limits { max_data_bytes: config.max_data_bytes, ..Limits::default() },
+            limits: Limits {
+                max_data_bytes: config.max_data_bytes,
+                ..Limits::default()
+            },
             retry_after: config.retry_after_secs,
             metrics,
         })
@@ -152,7 +169,10 @@ impl Ingress {
         let Some(key) = presented else { return false };
         let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
         // Compare against every key so timing does not tell which one matched.
-        self.keys.iter().fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&digest)).into()
+        self.keys
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&digest))
+            .into()
     }
 }
 
@@ -161,8 +181,8 @@ pub fn router(state: Arc<Ingress>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/", post(ingest))
         .with_state(state)
-        .layer(axum::middleware::map_response(problem_for_bare_413))
         .layer(RequestBodyLimitLayer::new(max_body_bytes))
+        .layer(axum::middleware::map_response(problem_for_bare_413))
 }
 
 /// The limit layer answers 413 with a plain body when Content-Length is too
@@ -190,15 +210,25 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 fn too_large() -> Problem {
-    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", "request body exceeds the ingress limit")
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        "request body exceeds the ingress limit",
+    )
 }
 
 async fn ingest(State(state): State<Arc<Ingress>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     if !state.authorized(&parts.headers) {
         state.metrics.outcome("unauthorized");
-        let mut r = Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid API key is required").into_response();
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        let mut r = Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid API key is required",
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
     let body: Bytes = match axum::body::to_bytes(Body::new(body), usize::MAX).await {
@@ -209,7 +239,12 @@ async fn ingest(State(state): State<Arc<Ingress>>, request: Request) -> Response
             return if too_big {
                 too_large().into_response()
             } else {
-                Problem::new(StatusCode::BAD_REQUEST, "bad-body", format!("cannot read body: {e}")).into_response()
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad-body",
+                    format!("cannot read body: {e}"),
+                )
+                .into_response()
             };
         }
     };
@@ -233,16 +268,24 @@ async fn ingest(State(state): State<Arc<Ingress>>, request: Request) -> Response
     }
     if !state.broker.is_connected() {
         state.metrics.outcome("unavailable");
-        return Problem::unavailable("the broker is unreachable; retry later", state.retry_after).into_response();
+        return Problem::unavailable("the broker is unreachable; retry later", state.retry_after)
+            .into_response();
     }
     let started = Instant::now();
     match state.broker.publish_all(&events).await {
         Ok(()) => {
-            state.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
+            state
+                .metrics
+                .publish_seconds
+                .observe(started.elapsed().as_secs_f64());
             state.metrics.outcome("accepted");
             state.metrics.events.inc_by(events.len() as u64);
             let ids: Vec<&str> = events.iter().map(|e| e.id()).collect();
-            (StatusCode::ACCEPTED, axum::Json(json!({"accepted": events.len(), "ids": ids}))).into_response()
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({"accepted": events.len(), "ids": ids})),
+            )
+                .into_response()
         }
         Err(PublishError::Codec(e)) => {
             state.metrics.outcome("rejected");
@@ -251,7 +294,11 @@ async fn ingest(State(state): State<Arc<Ingress>>, request: Request) -> Response
         Err(e) => {
             tracing::warn!(error = %e, "publish failed");
             state.metrics.outcome("unavailable");
-            Problem::unavailable(format!("not confirmed by the broker: {e}"), state.retry_after).into_response()
+            Problem::unavailable(
+                format!("not confirmed by the broker: {e}"),
+                state.retry_after,
+            )
+            .into_response()
         }
     }
 }

@@ -1,0 +1,362 @@
+//! Test harness: an isolated corner of the real RabbitMQ per test (a unique
+//! name prefix), the ingress on port 0, recording handlers, and a TCP proxy
+//! that can cut connections without disturbing other tests.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bruno_broker::{Broker, BrokerConfig, BrokerMetrics, PartSpec, Secret, Topology};
+use bruno_events::{AttributesReader, Event};
+use bruno_ingress::{Ingress, IngressConfig, IngressMetrics};
+use bruno_runtime::{Context, Handler, HandlerError, Incoming, Raw};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The broker under test (`BRUNO_TEST_AMQP_HOST`, default 127.0.0.1:5672).
+pub fn amqp_addr() -> String {
+    std::env::var("BRUNO_TEST_AMQP_HOST").unwrap_or_else(|_| "127.0.0.1:5672".into())
+}
+
+/// An AMQP URL to `addr` with the guest account.
+pub fn amqp_url(addr: &str) -> String {
+    format!("amqp://guest:guest@{addr}/%2f?heartbeat=5")
+}
+
+/// Log to the test output when `RUST_LOG` is set.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Broker config isolated under a unique prefix, with short retry tiers.
+pub fn test_config() -> BrokerConfig {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    BrokerConfig {
+        url: Secret::new(amqp_url(&amqp_addr())),
+        prefix: format!("t{}.", &id[..12]),
+        retry_delays_ms: vec![300, 600],
+        max_attempts: 3,
+        delivery_limit: 5,
+        reconnect_min_ms: 50,
+        reconnect_max_ms: 500,
+        publish_timeout_ms: 3_000,
+        publish_channels: 2,
+    }
+}
+
+/// One test's corner of the broker.
+pub struct Harness {
+    /// Its config (unique prefix).
+    pub config: BrokerConfig,
+    /// Its topology.
+    pub topology: Topology,
+    /// A connected broker.
+    pub broker: Broker,
+    cancel: CancellationToken,
+}
+
+impl Harness {
+    /// Declare `parts` under a fresh prefix and connect.
+    pub async fn new(parts: Vec<PartSpec>) -> Self {
+        Self::with_config(test_config(), parts).await
+    }
+
+    /// Same, with a given config.
+    pub async fn with_config(config: BrokerConfig, parts: Vec<PartSpec>) -> Self {
+        init_logs();
+        let topology = Topology::new(&config, parts);
+        let cancel = CancellationToken::new();
+        let broker = Broker::start(
+            config.clone(),
+            topology.clone(),
+            "test",
+            BrokerMetrics::default(),
+            cancel.clone(),
+        );
+        assert!(
+            broker.wait_connected(Duration::from_secs(10)).await,
+            "broker not reachable"
+        );
+        Self {
+            config,
+            topology,
+            broker,
+            cancel,
+        }
+    }
+
+    /// Another broker connection on the same topology, optionally via another address.
+    pub async fn second_broker(&self, addr: Option<&str>) -> (Broker, CancellationToken) {
+        let mut config = self.config.clone();
+        if let Some(addr) = addr {
+            config.url = Secret::new(amqp_url(addr));
+        }
+        let cancel = CancellationToken::new();
+        let broker = Broker::start(
+            config,
+            self.topology.clone(),
+            "test-2",
+            BrokerMetrics::default(),
+            cancel.clone(),
+        );
+        assert!(
+            broker.wait_connected(Duration::from_secs(10)).await,
+            "second broker not reachable"
+        );
+        (broker, cancel)
+    }
+
+    /// Queue name of a part.
+    pub fn queue(&self, part: &str) -> String {
+        self.topology.names.queue(part)
+    }
+
+    /// A raw lapin connection for inspection.
+    pub async fn raw(&self) -> Connection {
+        Connection::connect(self.config.url.expose(), ConnectionProperties::default())
+            .await
+            .unwrap()
+    }
+
+    /// Messages ready in a queue.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let conn = self.raw().await;
+        let ch = conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let n = q.message_count();
+        let _ = conn.close(200, "".into()).await;
+        n
+    }
+
+    /// Take (and ack) every message of a queue, decoded; waits up to
+    /// `settle` for stragglers after the queue looks empty.
+    pub async fn drain(&self, queue: &str, settle: Duration) -> Vec<lapin::message::Delivery> {
+        let conn = self.raw().await;
+        let ch = conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        let mut idle_since = tokio::time::Instant::now();
+        loop {
+            match ch
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
+                Some(m) => {
+                    m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+                    out.push(m.delivery);
+                    idle_since = tokio::time::Instant::now();
+                }
+                None if idle_since.elapsed() >= settle => break,
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let _ = conn.close(200, "".into()).await;
+        out
+    }
+
+    /// Start the ingress on port 0 over `broker`.
+    pub async fn ingress(
+        &self,
+        broker: Broker,
+        config: IngressConfig,
+    ) -> (SocketAddr, CancellationToken) {
+        let state = Arc::new(Ingress::new(&config, broker, IngressMetrics::default()).unwrap());
+        let router = bruno_ingress::router(state, config.max_body_bytes);
+        let stop = CancellationToken::new();
+        let (addr, _task) =
+            bruno_runtime::admin::serve("127.0.0.1:0".parse().unwrap(), router, stop.clone())
+                .await
+                .unwrap();
+        (addr, stop)
+    }
+
+    /// Delete everything this test declared and close the connection.
+    pub async fn cleanup(self) {
+        let conn = self.raw().await;
+        let ch = conn.create_channel().await.unwrap();
+        let names = &self.topology.names;
+        let mut queues = vec![names.unroutable()];
+        for part in &self.topology.parts {
+            queues.push(names.queue(&part.name));
+            queues.push(names.dlq(&part.name));
+            for d in &self.topology.retry_delays {
+                queues.push(names.retry(&part.name, *d));
+            }
+        }
+        for q in queues {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for e in [names.exchange(), names.unroutable()] {
+            let _ = ch
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "".into()).await;
+        self.cancel.cancel();
+    }
+}
+
+/// A handler that records every event it gets and succeeds.
+pub struct Recorder {
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl Recorder {
+    /// The handler and the stream of what it saw.
+    pub fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Arc::new(Self { tx }), rx)
+    }
+}
+
+impl Handler for Recorder {
+    type Input = Raw;
+    async fn handle(
+        &self,
+        input: Incoming<Raw>,
+        _ctx: &Context,
+    ) -> Result<Vec<Event>, HandlerError> {
+        let _ = self.tx.send(input.event);
+        Ok(vec![])
+    }
+}
+
+/// Receive `n` events or panic after `timeout`.
+pub async fn recv_n(
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    n: usize,
+    timeout: Duration,
+) -> Vec<Event> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(e)) => out.push(e),
+            _ => panic!(
+                "got {} of {n} events within {timeout:?}: {:?}",
+                out.len(),
+                out.iter().map(|e| e.id().to_owned()).collect::<Vec<_>>()
+            ),
+        }
+    }
+    out
+}
+
+/// Assert nothing more arrives within `wait`.
+pub async fn assert_quiet(rx: &mut mpsc::UnboundedReceiver<Event>, wait: Duration) {
+    if let Ok(Some(e)) = tokio::time::timeout(wait, rx.recv()).await {
+        panic!("unexpected extra event {}", e.id());
+    }
+}
+
+/// A TCP proxy in front of the broker that can cut every connection and
+/// refuse new ones for a while.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    state: Arc<Mutex<ProxyState>>,
+}
+
+struct ProxyState {
+    generation: CancellationToken,
+    refusing: bool,
+}
+
+impl Proxy {
+    /// Start a proxy to `upstream`.
+    pub async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(ProxyState {
+            generation: CancellationToken::new(),
+            refusing: false,
+        }));
+        let st = state.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (refusing, token) = {
+                    let s = st.lock().unwrap();
+                    (s.refusing, s.generation.clone())
+                };
+                if refusing {
+                    drop(client);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, state }
+    }
+
+    /// The proxy's address as host:port.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Drop every open connection; with `refuse_for`, refuse new ones that long.
+    pub fn cut(&self, refuse_for: Duration) {
+        let mut s = self.state.lock().unwrap();
+        s.generation.cancel();
+        s.generation = CancellationToken::new();
+        s.refusing = !refuse_for.is_zero();
+        drop(s);
+        if !refuse_for.is_zero() {
+            let st = self.state.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(refuse_for).await;
+                st.lock().unwrap().refusing = false;
+            });
+        }
+    }
+}
+
+/// Counts per key, for handlers that fail a number of times per event.
+#[derive(Default)]
+pub struct Attempts(Mutex<HashMap<String, u32>>);
+
+impl Attempts {
+    /// Record an attempt for `key`; returns the attempt number (1-based).
+    pub fn bump(&self, key: &str) -> u32 {
+        let mut m = self.0.lock().unwrap();
+        let n = m.entry(key.to_owned()).or_insert(0);
+        *n += 1;
+        *n
+    }
+    /// Attempts so far for `key`.
+    pub fn get(&self, key: &str) -> u32 {
+        self.0.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+}
