@@ -1,1 +1,273 @@
-fn main() {}
+//! Backbone benchmark against the local RabbitMQ, 1 KiB events.
+//!
+//! Prints: raw lapin publish-with-confirms throughput and latency (the
+//! baseline, same concurrency as the HTTP load), ingress HTTP → confirmed
+//! publish throughput and p50/p99 latency, and consumer throughput with a
+//! no-op handler at prefetch 1 and at the default prefetch.
+//!
+//! Run: `cargo bench -p bruno-system-tests --bench backbone`
+//! (env BENCH_N, BENCH_CONCURRENCY to change the load).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bruno_events::payload::DocumentSubmitted;
+use bruno_events::{Event, EventData, new_event};
+use bruno_ingress::IngressConfig;
+use bruno_runtime::{Context, Handler, HandlerError, Incoming, Raw};
+use bruno_system_tests::Harness;
+use hdrhistogram::Histogram;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
+use tokio_util::sync::CancellationToken;
+
+const PART: &str = "bench";
+const DEFAULT_PREFETCH: u16 = 32;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A `document.submitted` event whose data is exactly 1024 bytes.
+fn event_1k() -> Event {
+    let mut doc = DocumentSubmitted {
+        doc_id: "bench".into(),
+        source: "bench".into(),
+        title: None,
+        text: String::new(),
+        format: Default::default(),
+        metadata: Default::default(),
+    };
+    let base = serde_json::to_vec(&doc).unwrap().len();
+    doc.text = "x".repeat(1024 - base);
+    let e = new_event("bench", &doc);
+    assert_eq!(bruno_events::data_bytes(&e).unwrap().len(), 1024);
+    e
+}
+
+fn report(name: &str, n: usize, elapsed: Duration, hist: Option<&Histogram<u64>>) -> f64 {
+    let rate = n as f64 / elapsed.as_secs_f64();
+    match hist {
+        Some(h) => println!(
+            "{name:44} {rate:>10.0} msg/s   p50 {:>7.3} ms   p99 {:>7.3} ms",
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0
+        ),
+        None => println!("{name:44} {rate:>10.0} msg/s"),
+    }
+    rate
+}
+
+async fn purge(h: &Harness) {
+    let conn = h.raw().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_purge(h.queue(PART).as_str().into(), QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "".into()).await;
+}
+
+/// Raw lapin: `concurrency` tasks, each publish + await confirm in a loop,
+/// over as many confirm channels as the broker layer uses.
+async fn raw_lapin(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram<u64>) {
+    let conn = h.raw().await;
+    let mut channels = Vec::new();
+    for _ in 0..h.config.publish_channels {
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        channels.push(ch);
+    }
+    let (props, body) = bruno_broker::codec::encode(&event_1k()).unwrap();
+    let exchange = h.topology.names.exchange();
+    let left = Arc::new(AtomicU64::new(n as u64));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let ch = channels[i % channels.len()].clone();
+        let (props, body, exchange, left) =
+            (props.clone(), body.clone(), exchange.clone(), left.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).unwrap();
+            while left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                .is_ok()
+            {
+                let t = Instant::now();
+                let confirm = ch
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "".into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &body,
+                        props.clone(),
+                    )
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                assert!(confirm.is_ack());
+                hist.record(t.elapsed().as_micros() as u64).unwrap();
+            }
+            hist
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3).unwrap();
+    for t in tasks {
+        hist.add(t.await.unwrap()).unwrap();
+    }
+    let rate = report(
+        &format!("raw lapin publish+confirm (c={concurrency})"),
+        n,
+        started.elapsed(),
+        Some(&hist),
+    );
+    let _ = conn.close(200, "".into()).await;
+    (rate, hist)
+}
+
+/// HTTP binary-mode POSTs to the ingress from `concurrency` keep-alive clients.
+async fn ingress(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram<u64>) {
+    let (addr, stop) = h.ingress(h.broker.clone(), IngressConfig::default()).await;
+    let url = format!("http://{addr}/");
+    let event = event_1k();
+    let body = bruno_events::data_bytes(&event).unwrap().into_owned();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
+    let left = Arc::new(AtomicU64::new(n as u64));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, url, body, left) = (client.clone(), url.clone(), body.clone(), left.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).unwrap();
+            while let Ok(v) =
+                left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+            {
+                let t = Instant::now();
+                let r = client
+                    .post(&url)
+                    .header("ce-specversion", "1.0")
+                    .header("ce-id", format!("bench-{v}"))
+                    .header("ce-source", "bench")
+                    .header("ce-type", DocumentSubmitted::TYPE)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+                let _ = r.bytes().await;
+                hist.record(t.elapsed().as_micros() as u64).unwrap();
+            }
+            hist
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3).unwrap();
+    for t in tasks {
+        hist.add(t.await.unwrap()).unwrap();
+    }
+    let rate = report(
+        &format!("ingress HTTP -> confirmed publish (c={concurrency})"),
+        n,
+        started.elapsed(),
+        Some(&hist),
+    );
+    stop.cancel();
+    (rate, hist)
+}
+
+struct Noop(Arc<AtomicU64>);
+
+impl Handler for Noop {
+    type Input = Raw;
+    async fn handle(&self, _: Incoming<Raw>, _: &Context) -> Result<Vec<Event>, HandlerError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(vec![])
+    }
+}
+
+async fn consumer(h: &Harness, n: usize, prefetch: u16) -> f64 {
+    purge(h).await;
+    let events: Vec<Event> = (0..n).map(|_| event_1k()).collect();
+    for chunk in events.chunks(500) {
+        h.broker.publish_all(chunk).await.unwrap();
+    }
+    let count = Arc::new(AtomicU64::new(0));
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(bruno_runtime::run_pull(
+        h.broker.clone(),
+        PART,
+        prefetch,
+        Arc::new(Noop(count.clone())),
+        shutdown.clone(),
+    ));
+    while count.load(Ordering::Relaxed) < n as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = report(
+        &format!("consumer, no-op handler, prefetch {prefetch}"),
+        n,
+        started.elapsed(),
+        None,
+    );
+    shutdown.cancel();
+    task.await.unwrap();
+    rate
+}
+
+#[tokio::main]
+async fn main() {
+    let n = env_or("BENCH_N", 20_000);
+    let concurrency = env_or("BENCH_CONCURRENCY", 32);
+    let mut config = bruno_system_tests::test_config();
+    config.publish_channels = 4;
+    let h = Harness::with_config(
+        config,
+        vec![bruno_broker::PartSpec::on_types(
+            PART,
+            &[DocumentSubmitted::TYPE],
+        )],
+    )
+    .await;
+    println!(
+        "backbone bench: {n} events of 1 KiB, concurrency {concurrency}, broker {}",
+        bruno_system_tests::amqp_addr()
+    );
+
+    // Warm up connections and the broker's queue.
+    raw_lapin(&h, 2_000, concurrency).await;
+    ingress(&h, 2_000, concurrency).await;
+    purge(&h).await;
+    println!("---");
+
+    let (raw_rate, raw_hist) = raw_lapin(&h, n, concurrency).await;
+    purge(&h).await;
+    let (ing_rate, ing_hist) = ingress(&h, n, concurrency).await;
+    purge(&h).await;
+    let c1 = consumer(&h, n / 4, 1).await;
+    let cd = consumer(&h, n, DEFAULT_PREFETCH).await;
+    println!("---");
+    println!(
+        "ingress / raw throughput: {:.1} % (goal >= 70 %)",
+        100.0 * ing_rate / raw_rate
+    );
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        let added = ing_hist.value_at_quantile(q) as f64 / 1000.0
+            - raw_hist.value_at_quantile(q) as f64 / 1000.0;
+        println!("ingress {name} added over raw publish: {added:.3} ms (goal p99 <= 2 ms)");
+    }
+    println!("consumer prefetch {DEFAULT_PREFETCH} vs 1: {:.1}x", cd / c1);
+    h.cleanup().await;
+}
