@@ -78,3 +78,19 @@ fn headers_schema() -> Value {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    /// The committed `docs/asyncapi.json` is what the catalogue renders.
+    /// Regenerate with `cargo run -p bruno-cli --bin bruno -- events asyncapi > docs/asyncapi.json`.
+    #[test]
+    fn committed_document_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/asyncapi.json");
+        let committed = std::fs::read_to_string(path).expect("docs/asyncapi.json exists");
+        let committed: serde_json::Value = serde_json::from_str(&committed).expect("valid JSON");
+        assert!(
+            committed == super::document(),
+            "docs/asyncapi.json is stale; regenerate it with `bruno events asyncapi`"
+        );
+    }
+}

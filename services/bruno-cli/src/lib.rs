@@ -144,3 +144,29 @@ pub async fn connect_for_tool(config: &Config) -> anyhow::Result<(Broker, Cancel
     }
     Ok((broker, cancel))
 }
+
+/// GET `path` on `addr` over plain HTTP/1.0 and require a 200. Used as the
+/// container healthcheck, where the runtime image has no curl.
+pub async fn probe(addr: &str, path: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut head = vec![0u8; 64];
+        let n = stream.read(&mut head).await?;
+        head.truncate(n);
+        anyhow::Ok(head)
+    };
+    let head = tokio::time::timeout(Duration::from_secs(3), exchange)
+        .await
+        .context("admin server did not answer within 3s")??;
+    let status_line = String::from_utf8_lossy(&head);
+    anyhow::ensure!(
+        status_line.starts_with("HTTP/1.0 200") || status_line.starts_with("HTTP/1.1 200"),
+        "{path} answered {:?}",
+        status_line.lines().next().unwrap_or_default()
+    );
+    Ok(())
+}
