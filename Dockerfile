@@ -12,7 +12,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /bruno /usr/local/bin/bruno
-USER nonroot:nonroot
+USER 65532:65532
 EXPOSE 8080 9090
 # `bruno health` GETs the admin server's /live (the image has no curl).
 HEALTHCHECK --interval=10s --timeout=4s --start-period=5s --retries=3 CMD ["/usr/local/bin/bruno", "health", "--path", "/live"]

@@ -55,8 +55,42 @@ async fn ingress_answers_503_during_a_broker_cut_and_loses_no_accepted_event() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        client
+            .get(format!("{url}ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     proxy.cut(Duration::from_millis(1500));
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The serving port's readiness (what Knative probes) follows the broker.
+    let cut_at = tokio::time::Instant::now();
+    while client
+        .get(format!("{url}ready"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 503
+    {
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(5),
+            "/ready stayed 200 during the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        client
+            .get(format!("{url}live"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(cut_at.elapsed())).await;
     running.store(false, Ordering::SeqCst);
     for w in workers {
         w.await.unwrap();

@@ -22,6 +22,7 @@ pub use config::{BrokerConfig, Secret};
 pub use connection::{Broker, PublishError};
 pub use consume::{Delivered, Disposition, ErrorCode, Processor, consume};
 pub use metrics::BrokerMetrics;
+pub use topology::manifests::render as topology_manifests;
 pub use topology::{Names, PartSpec, Topology};
 
 /// AMQP headers Bruno adds to a message besides the CloudEvent attributes.

@@ -325,3 +325,175 @@ mod tests {
         assert_eq!(n.unroutable(), "t1.bruno.unroutable");
     }
 }
+
+/// The topology as RabbitMQ Messaging Topology Operator resources
+/// (`rabbitmq.com/v1beta1` Exchange, Queue, Binding), built from the same
+/// argument tables the code declares, so a cluster set up from the
+/// manifests and a part declaring at start-up never disagree.
+pub mod manifests {
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+
+    fn value(v: &AMQPValue) -> Value {
+        match v {
+            AMQPValue::LongString(s) => {
+                Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
+            AMQPValue::Boolean(b) => Value::Bool(*b),
+            AMQPValue::LongInt(i) => json!(i),
+            AMQPValue::LongLongInt(i) => json!(i),
+            other => Value::String(format!("{other:?}")),
+        }
+    }
+
+    /// Arguments as JSON, without `x-queue-type` (the resource's `type` field).
+    fn arguments(table: &FieldTable) -> Value {
+        let map: Map<String, Value> = table
+            .inner()
+            .iter()
+            .filter(|(k, _)| k.as_str() != "x-queue-type")
+            .map(|(k, v)| (k.as_str().to_owned(), value(v)))
+            .collect();
+        Value::Object(map)
+    }
+
+    /// A Kubernetes object name for an AMQP name.
+    fn k8s_name(amqp: &str) -> String {
+        amqp.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>()
+            .trim_matches('-')
+            .to_owned()
+    }
+
+    fn resource(kind: &str, name: &str, cluster: &str, spec: Value) -> Value {
+        let mut spec = spec;
+        spec["rabbitmqClusterReference"] = json!({ "name": cluster });
+        json!({
+            "apiVersion": "rabbitmq.com/v1beta1",
+            "kind": kind,
+            "metadata": { "name": k8s_name(name), "labels": { "app.kubernetes.io/part-of": "bruno" } },
+            "spec": spec,
+        })
+    }
+
+    fn queue(name: &str, cluster: &str, args: &FieldTable) -> Value {
+        resource(
+            "Queue",
+            name,
+            cluster,
+            json!({ "name": name, "type": "quorum", "durable": true, "autoDelete": false, "arguments": arguments(args) }),
+        )
+    }
+
+    /// Every Exchange, Queue and Binding of `topology` on `cluster`.
+    pub fn render(topology: &Topology, cluster: &str) -> Vec<Value> {
+        let names = &topology.names;
+        let exchange = names.exchange();
+        let unroutable = names.unroutable();
+        let mut out = vec![
+            resource(
+                "Exchange",
+                &unroutable,
+                cluster,
+                json!({ "name": unroutable, "type": "fanout", "durable": true, "autoDelete": false }),
+            ),
+            queue(&unroutable, cluster, &Topology::parking_args()),
+            resource(
+                "Binding",
+                &format!("{unroutable}-to-{unroutable}"),
+                cluster,
+                json!({ "source": unroutable, "destination": unroutable, "destinationType": "queue" }),
+            ),
+            resource(
+                "Exchange",
+                &exchange,
+                cluster,
+                json!({ "name": exchange, "type": "headers", "durable": true, "autoDelete": false,
+                        "arguments": { "alternate-exchange": unroutable } }),
+            ),
+        ];
+        for part in &topology.parts {
+            out.push(queue(
+                &names.dlq(&part.name),
+                cluster,
+                &Topology::parking_args(),
+            ));
+            out.push(queue(
+                &names.queue(&part.name),
+                cluster,
+                &topology.part_queue_args(part),
+            ));
+            for delay in &topology.retry_delays {
+                out.push(queue(
+                    &names.retry(&part.name, *delay),
+                    cluster,
+                    &topology.retry_args(&part.name, *delay),
+                ));
+            }
+            for (i, binding) in part.bindings.iter().enumerate() {
+                let mut args = Map::new();
+                args.insert("x-match".into(), json!("all"));
+                for (k, v) in binding {
+                    args.insert(k.clone(), json!(v));
+                }
+                out.push(resource(
+                    "Binding",
+                    &format!("{exchange}-to-{}-{i}", names.queue(&part.name)),
+                    cluster,
+                    json!({ "source": exchange, "destination": names.queue(&part.name),
+                            "destinationType": "queue", "arguments": Value::Object(args) }),
+                ));
+            }
+        }
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn manifests_carry_the_declared_arguments() {
+            let config = crate::BrokerConfig {
+                retry_delays_ms: vec![1000],
+                ..Default::default()
+            };
+            let t = Topology::new(
+                &config,
+                vec![PartSpec::on_types("writer", &["bruno.memory.write.v1"]).single_active()],
+            );
+            let docs = render(&t, "rmq");
+            let q = docs.iter().find(|d| d["spec"]["name"] == "writer").unwrap();
+            assert_eq!(q["metadata"]["name"], "writer");
+            assert_eq!(q["spec"]["type"], "quorum");
+            assert_eq!(q["spec"]["arguments"]["x-delivery-limit"], 10);
+            assert_eq!(q["spec"]["arguments"]["x-single-active-consumer"], true);
+            assert_eq!(
+                q["spec"]["arguments"]["x-dead-letter-routing-key"],
+                "writer.dlq"
+            );
+            assert!(q["spec"]["arguments"].get("x-queue-type").is_none());
+            let r = docs
+                .iter()
+                .find(|d| d["spec"]["name"] == "writer.retry.1000ms")
+                .unwrap();
+            assert_eq!(r["metadata"]["name"], "writer-retry-1000ms");
+            assert_eq!(r["spec"]["arguments"]["x-message-ttl"], 1000);
+            let b = docs
+                .iter()
+                .find(|d| d["kind"] == "Binding" && d["spec"]["destination"] == "writer")
+                .unwrap();
+            assert_eq!(b["spec"]["arguments"]["type"], "bruno.memory.write.v1");
+            assert_eq!(b["spec"]["rabbitmqClusterReference"]["name"], "rmq");
+        }
+    }
+}

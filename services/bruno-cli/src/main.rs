@@ -34,8 +34,16 @@ enum Command {
     Dev,
     /// Run only the HTTP ingress.
     Ingress,
-    /// Declare the exchanges, queues and bindings, then exit.
-    Topology,
+    /// Declare the exchanges, queues and bindings, then exit; with
+    /// `--manifests`, print them as Messaging Topology Operator resources instead.
+    Topology {
+        /// Print Kubernetes manifests (YAML) instead of declaring.
+        #[arg(long)]
+        manifests: bool,
+        /// The RabbitmqCluster the manifests refer to.
+        #[arg(long, default_value = "bruno-rabbitmq")]
+        cluster: String,
+    },
     /// Inspect and replay dead letters.
     Dlq {
         #[command(subcommand)]
@@ -165,7 +173,18 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let shutdown = bruno_runtime::shutdown::on_signals();
             run_ingress(config, shutdown, None).await
         }
-        Command::Topology => {
+        Command::Topology {
+            manifests: true,
+            cluster,
+        } => {
+            let topology =
+                bruno_broker::Topology::new(&config.broker, bruno_runtime::fleet::parts());
+            print!("{}", bruno_cli::manifests_yaml(&topology, &cluster)?);
+            Ok(())
+        }
+        Command::Topology {
+            manifests: false, ..
+        } => {
             let (_broker, cancel) = connect_for_tool(&config).await?;
             cancel.cancel();
             println!("topology declared");

@@ -251,3 +251,21 @@ async fn dev_serves_ingress_and_admin_then_shuts_down() {
     );
     cleanup(&prefix).await;
 }
+
+#[test]
+fn committed_topology_manifests_are_current() {
+    let topology = bruno_broker::Topology::new(
+        &bruno_broker::BrokerConfig::default(),
+        bruno_runtime::fleet::parts(),
+    );
+    let rendered = bruno_cli::manifests_yaml(&topology, "bruno-rabbitmq").unwrap();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/rabbitmq/topology.yaml"
+    );
+    let committed = std::fs::read_to_string(path).unwrap();
+    assert!(
+        committed == rendered,
+        "deploy/rabbitmq/topology.yaml is stale: run `bruno topology --manifests > deploy/rabbitmq/topology.yaml`"
+    );
+}

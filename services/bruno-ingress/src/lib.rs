@@ -13,7 +13,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use bruno_broker::{Broker, PublishError};
 use bruno_events::{AttributesReader, Limits, validate};
 use bruno_runtime::Problem;
@@ -180,6 +180,10 @@ impl Ingress {
 pub fn router(state: Arc<Ingress>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/", post(ingest))
+        // Knative's queue-proxy probes the serving port; the admin server
+        // (with /metrics) stays on its own port.
+        .route("/live", get(|| async { "live" }))
+        .route("/ready", get(ready))
         .with_state(state)
         .layer(RequestBodyLimitLayer::new(max_body_bytes))
         .layer(axum::middleware::map_response(problem_for_bare_413))
@@ -215,6 +219,14 @@ fn too_large() -> Problem {
         "too-large",
         "request body exceeds the ingress limit",
     )
+}
+
+async fn ready(State(state): State<Arc<Ingress>>) -> Response {
+    if state.broker.is_connected() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        Problem::unavailable("the broker is unreachable", state.retry_after).into_response()
+    }
 }
 
 async fn ingest(State(state): State<Arc<Ingress>>, request: Request) -> Response {
