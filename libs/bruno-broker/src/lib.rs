@@ -16,6 +16,8 @@ mod connection;
 mod consume;
 pub mod dlq;
 mod metrics;
+/// Request/reply for tools.
+pub mod reply;
 mod topology;
 
 pub use config::{BrokerConfig, Secret};

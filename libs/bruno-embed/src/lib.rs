@@ -10,6 +10,7 @@
 //! [`AnyEmbedder`] picks one from config.
 #![forbid(unsafe_code)]
 
+mod bert;
 mod http;
 mod minilm;
 
@@ -89,6 +90,25 @@ pub enum EmbedderConfig {
 }
 
 /// One of the backends, chosen by config.
+impl Default for EmbedderConfig {
+    /// MiniLM from `$BRUNO_MODEL_DIR`, else where `scripts/fetch-model.sh`
+    /// puts it (`~/.cache/bruno/models/all-MiniLM-L6-v2`).
+    fn default() -> Self {
+        Self::Minilm {
+            model_dir: default_model_dir(),
+        }
+    }
+}
+
+/// `$BRUNO_MODEL_DIR`, else `~/.cache/bruno/models/all-MiniLM-L6-v2`.
+pub fn default_model_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("BRUNO_MODEL_DIR") {
+        return dir.into();
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    std::path::PathBuf::from(home).join(".cache/bruno/models/all-MiniLM-L6-v2")
+}
+
 pub enum AnyEmbedder {
     /// Local MiniLM.
     MiniLm(MiniLm),
@@ -115,6 +135,17 @@ impl AnyEmbedder {
                 api_key,
             } => Self::OpenAi(OpenAi::new(url, model, *dimension, api_key.clone())),
         })
+    }
+}
+
+impl AnyEmbedder {
+    /// The model's own tokenizer, where it runs in-process (for counting
+    /// tokens when splitting text); `None` for remote backends.
+    pub fn tokenizer(&self) -> Option<&tokenizers::Tokenizer> {
+        match self {
+            Self::MiniLm(e) => Some(e.tokenizer()),
+            Self::Ollama(_) | Self::OpenAi(_) => None,
+        }
     }
 }
 

@@ -3,7 +3,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config, DTYPE};
+use candle_transformers::models::bert::{Config, DTYPE};
+
+use crate::bert::Bert;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::{EmbedError, Embedder, EmbedderInfo};
@@ -15,7 +17,7 @@ pub const MODEL_ID: &str = "sentence-transformers/all-MiniLM-L6-v2";
 pub const MAX_TOKENS: usize = 256;
 
 struct Inner {
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
     device: Device,
 }
@@ -57,7 +59,7 @@ impl MiniLm {
         let vb = VarBuilder::from_buffered_safetensors(read("model.safetensors")?, DTYPE, &device)
             .map_err(|e| EmbedError::Model(format!("model.safetensors: {e}")))?;
         let model =
-            BertModel::load(vb, &config).map_err(|e| EmbedError::Model(format!("weights: {e}")))?;
+            Bert::load(vb, &config).map_err(|e| EmbedError::Model(format!("weights: {e}")))?;
         let dimension =
             u32::try_from(config.hidden_size).map_err(|e| EmbedError::Model(e.to_string()))?;
         Ok(Self {
@@ -99,11 +101,7 @@ impl MiniLm {
         }
         let ids = Tensor::from_vec(ids, (batch, len), &inner.device).map_err(infer)?;
         let mask = Tensor::from_vec(mask, (batch, len), &inner.device).map_err(infer)?;
-        let types = ids.zeros_like().map_err(infer)?;
-        let hidden = inner
-            .model
-            .forward(&ids, &types, Some(&mask))
-            .map_err(infer)?;
+        let hidden = inner.model.forward(&ids, &mask).map_err(infer)?;
         // Mean over real tokens only, then unit length: sentence-transformers' pooling.
         let mask = mask
             .to_dtype(DType::F32)

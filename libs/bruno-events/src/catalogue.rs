@@ -98,7 +98,8 @@ mod extra_checks {
 
     pub fn DocumentSubmitted(d: &DocumentSubmitted) -> Result<(), ValidationError> {
         non_empty("data.doc_id", &d.doc_id)?;
-        non_empty("data.source", &d.source)
+        non_empty("data.source", &d.source)?;
+        non_empty("data.text", &d.text)
     }
     pub fn MemoryWrite(d: &MemoryWrite) -> Result<(), ValidationError> {
         for (i, row) in d.rows.iter().enumerate() {

@@ -24,7 +24,13 @@ pub fn load<C: DeserializeOwned>(file: Option<&Path>) -> Result<C, ConfigError> 
         }
         figment = figment.merge(Toml::file(path));
     }
-    figment = figment.merge(Env::prefixed("BRUNO_").split("__"));
+    // BRUNO_CONFIG_FILE (the file itself) and BRUNO_MODEL_DIR (where
+    // scripts/fetch-model.sh puts the model) are not config keys.
+    figment = figment.merge(
+        Env::prefixed("BRUNO_")
+            .ignore(&["config_file", "model_dir"])
+            .split("__"),
+    );
     figment.extract::<C>().map_err(|e| {
         let messages: Vec<String> = e
             .into_iter()

@@ -5,18 +5,19 @@ use std::sync::Arc;
 
 use futures_util::TryStreamExt;
 use lancedb::arrow::arrow_array::{
-    Array, FixedSizeListArray, Float32Array, RecordBatch, RecordBatchIterator, RecordBatchReader, StringArray,
-    TimestampMicrosecondArray, UInt32Array,
+    Array, FixedSizeListArray, Float32Array, RecordBatch, RecordBatchIterator, RecordBatchReader,
+    StringArray, TimestampMicrosecondArray, UInt32Array,
 };
 use lancedb::arrow::arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use lancedb::database::CreateTableMode;
 use lancedb::index::Index;
-use lancedb::index::scalar::{FtsIndexBuilder, FullTextSearchQuery};
+use lancedb::index::scalar::FullTextSearchQuery;
 use lancedb::query::{ExecutableQuery, QueryBase, Select};
 use lancedb::{Connection, DistanceType, Table};
 
 use crate::sql::{in_list, quote};
-use crate::{EmbedderInfo, META_DIMENSION, META_MODEL, StoreConfig, StoreError, embedder_label};
+use crate::{
+    EmbedderInfo, META_DIMENSION, META_MODEL, StoreConfig, StoreError, embedder_label, open_checked,
+};
 
 /// The table's name.
 pub const TABLE: &str = "chunks";
@@ -115,7 +116,10 @@ pub struct Chunks {
 }
 
 fn schema(embedder: &EmbedderInfo) -> Schema {
-    let vector = DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, true)), embedder.dimension as i32);
+    let vector = DataType::FixedSizeList(
+        Arc::new(Field::new("item", DataType::Float32, true)),
+        embedder.dimension as i32,
+    );
     Schema::new(vec![
         Field::new("id", DataType::Utf8, false),
         Field::new("doc_id", DataType::Utf8, false),
@@ -126,7 +130,11 @@ fn schema(embedder: &EmbedderInfo) -> Schema {
         Field::new("chunk_index", DataType::UInt32, false),
         Field::new("vector", vector, false),
         Field::new("embedder", DataType::Utf8, false),
-        Field::new("updated_at", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(
+            "updated_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
     ])
     .with_metadata(HashMap::from([
         (META_MODEL.to_owned(), embedder.model.clone()),
@@ -137,7 +145,13 @@ fn schema(embedder: &EmbedderInfo) -> Schema {
 /// Stale = a stored chunk of one of these documents outside its new id set.
 fn stale_filter(docs: &[DocumentWrite]) -> String {
     docs.iter()
-        .map(|d| format!("(doc_id = {} AND NOT ({}))", quote(&d.doc_id), in_list("id", &d.chunk_ids)))
+        .map(|d| {
+            format!(
+                "(doc_id = {} AND NOT ({}))",
+                quote(&d.doc_id),
+                in_list("id", &d.chunk_ids)
+            )
+        })
         .collect::<Vec<_>>()
         .join(" OR ")
 }
@@ -150,55 +164,26 @@ fn strings<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, St
 }
 
 impl Chunks {
-    pub(crate) async fn open_or_create(
+    pub(crate) async fn open(
         db: &Connection,
         embedder: &EmbedderInfo,
         config: &StoreConfig,
+        writer: bool,
     ) -> Result<Self, StoreError> {
         let wanted = Arc::new(schema(embedder));
-        // Open first: creating with another embedder's schema would fail
-        // with a schema error instead of the mismatch we want to report.
-        let table = match db.open_table(TABLE).execute().await {
-            Ok(table) => table,
-            Err(lancedb::Error::TableNotFound { .. }) => {
-                db.create_empty_table(TABLE, wanted.clone())
-                    .mode(CreateTableMode::exist_ok(|request| request))
-                    .execute()
-                    .await?
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let actual = table.schema().await?;
-        let stored_model = actual.metadata.get(META_MODEL).cloned().unwrap_or_default();
-        let stored_dim = actual.metadata.get(META_DIMENSION).cloned().unwrap_or_default();
-        if stored_model != embedder.model || stored_dim != embedder.dimension.to_string() {
-            return Err(StoreError::EmbedderMismatch {
-                table: TABLE.into(),
-                stored: embedder_label(&stored_model, &stored_dim),
-                requested: embedder_label(&embedder.model, embedder.dimension),
-            });
-        }
+        let table = open_checked(db, TABLE, wanted.clone(), embedder, writer).await?;
         let chunks = Self {
             table,
             schema: wanted,
             embedder: embedder.clone(),
             vector_index_min_rows: config.vector_index_min_rows,
         };
-        chunks.ensure_fts_index().await?;
         Ok(chunks)
     }
 
     /// The embedder this table holds vectors of.
     pub fn embedder(&self) -> &EmbedderInfo {
         &self.embedder
-    }
-
-    async fn ensure_fts_index(&self) -> Result<(), StoreError> {
-        let indices = self.table.list_indices().await?;
-        if !indices.iter().any(|i| i.columns.iter().any(|c| c == "text")) {
-            self.table.create_index(&["text"], Index::FTS(FtsIndexBuilder::default())).execute().await?;
-        }
-        Ok(())
     }
 
     fn batch(&self, rows: &[&ChunkRow]) -> Result<RecordBatch, StoreError> {
@@ -214,23 +199,43 @@ impl Chunks {
             }
         }
         let now = chrono::Utc::now().timestamp_micros();
-        let values = Float32Array::from_iter_values(rows.iter().flat_map(|r| r.vector.iter().copied()));
+        let values =
+            Float32Array::from_iter_values(rows.iter().flat_map(|r| r.vector.iter().copied()));
         let item = Arc::new(Field::new("item", DataType::Float32, true));
         let vectors = FixedSizeListArray::try_new(item, dim as i32, Arc::new(values), None)?;
         let label = embedder_label(&self.embedder.model, self.embedder.dimension);
         Ok(RecordBatch::try_new(
             self.schema.clone(),
             vec![
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.id.as_str()))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.doc_id.as_str()))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.source.as_str()))),
-                Arc::new(StringArray::from(rows.iter().map(|r| r.title.as_deref()).collect::<Vec<_>>())),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.text.as_str()))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.content_hash.as_str()))),
-                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.chunk_index))),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.id.as_str()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.doc_id.as_str()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.source.as_str()),
+                )),
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.title.as_deref()).collect::<Vec<_>>(),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.text.as_str()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.content_hash.as_str()),
+                )),
+                Arc::new(UInt32Array::from_iter_values(
+                    rows.iter().map(|r| r.chunk_index),
+                )),
                 Arc::new(vectors),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|_| label.as_str()))),
-                Arc::new(TimestampMicrosecondArray::from_iter_values(rows.iter().map(|_| now)).with_timezone("UTC")),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|_| label.as_str()),
+                )),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(rows.iter().map(|_| now))
+                        .with_timezone("UTC"),
+                ),
             ],
         )?)
     }
@@ -240,16 +245,30 @@ impl Chunks {
     /// documents that are not in the batch removed.
     pub async fn write(&self, docs: &[DocumentWrite]) -> Result<WriteOutcome, StoreError> {
         if docs.is_empty() {
-            return Ok(WriteOutcome { inserted: 0, updated: 0, deleted: 0, version: self.table.version().await? });
+            return Ok(WriteOutcome {
+                inserted: 0,
+                updated: 0,
+                deleted: 0,
+                version: self.table.version().await?,
+            });
         }
         let rows: Vec<&ChunkRow> = docs.iter().flat_map(|d| d.rows.iter()).collect();
-        if let Some(r) = docs.iter().flat_map(|d| d.rows.iter().map(move |r| (d, r))).find(|(d, r)| r.doc_id != d.doc_id) {
-            return Err(StoreError::InvalidRow(format!("chunk {} belongs to {}, not {}", r.1.id, r.1.doc_id, r.0.doc_id)));
+        if let Some(r) = docs
+            .iter()
+            .flat_map(|d| d.rows.iter().map(move |r| (d, r)))
+            .find(|(d, r)| r.doc_id != d.doc_id)
+        {
+            return Err(StoreError::InvalidRow(format!(
+                "chunk {} belongs to {}, not {}",
+                r.1.id, r.1.doc_id, r.0.doc_id
+            )));
         }
         let stale = stale_filter(docs);
         let batch = self.batch(&rows)?;
-        let reader: Box<dyn RecordBatchReader + Send> =
-            Box::new(RecordBatchIterator::new(vec![Ok(batch)], self.schema.clone()));
+        let reader: Box<dyn RecordBatchReader + Send> = Box::new(RecordBatchIterator::new(
+            vec![Ok(batch)],
+            self.schema.clone(),
+        ));
         let mut merge = self.table.merge_insert(&["id"]);
         merge
             .when_matched_update_all(None)
@@ -265,7 +284,10 @@ impl Chunks {
     }
 
     /// How many stored chunks of each document a write of `docs` would remove.
-    pub async fn stale_counts(&self, docs: &[DocumentWrite]) -> Result<HashMap<String, u64>, StoreError> {
+    pub async fn stale_counts(
+        &self,
+        docs: &[DocumentWrite],
+    ) -> Result<HashMap<String, u64>, StoreError> {
         let mut counts: HashMap<String, u64> = docs.iter().map(|d| (d.doc_id.clone(), 0)).collect();
         if docs.is_empty() {
             return Ok(counts);
@@ -309,9 +331,31 @@ impl Chunks {
         Ok(None)
     }
 
+    /// Every `(chunk id, doc id)` in the table (for audits and tests).
+    pub async fn ids(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let batches = Self::collect(
+            self.table
+                .query()
+                .select(Select::columns(&["id", "doc_id"])),
+        )
+        .await?;
+        let mut out = Vec::new();
+        for batch in &batches {
+            let ids = strings(batch, "id")?;
+            let docs = strings(batch, "doc_id")?;
+            for i in 0..batch.num_rows() {
+                out.push((ids.value(i).to_owned(), docs.value(i).to_owned()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Rows in the table (optionally of one document).
     pub async fn count(&self, doc_id: Option<&str>) -> Result<usize, StoreError> {
-        Ok(self.table.count_rows(doc_id.map(|d| format!("doc_id = {}", quote(d)))).await?)
+        Ok(self
+            .table
+            .count_rows(doc_id.map(|d| format!("doc_id = {}", quote(d))))
+            .await?)
     }
 
     /// Current table version.
@@ -322,7 +366,6 @@ impl Chunks {
     /// Fold new rows into the indexes, build the vector index once the table
     /// is large enough, compact files and drop versions older than `keep`.
     pub async fn maintain(&self, keep: chrono::Duration) -> Result<(), StoreError> {
-        use lancedb::table::{CompactionOptions, OptimizeAction};
         let rows = self.table.count_rows(None).await?;
         let has_vector_index = self
             .table
@@ -331,17 +374,14 @@ impl Chunks {
             .iter()
             .any(|i| i.columns.iter().any(|c| c == "vector"));
         if !has_vector_index && rows >= self.vector_index_min_rows.max(256) {
-            let index = lancedb::index::vector::IvfHnswSqIndexBuilder::default().distance_type(DistanceType::Cosine);
-            self.table.create_index(&["vector"], Index::IvfHnswSq(index)).execute().await?;
+            let index = lancedb::index::vector::IvfHnswSqIndexBuilder::default()
+                .distance_type(DistanceType::Cosine);
+            self.table
+                .create_index(&["vector"], Index::IvfHnswSq(index))
+                .execute()
+                .await?;
         }
-        self.table
-            .optimize(OptimizeAction::Compact { options: CompactionOptions::default(), remap_options: None })
-            .await?;
-        self.table
-            .optimize(OptimizeAction::Prune { older_than: Some(keep), delete_unverified: None, error_if_tagged_old_versions: None })
-            .await?;
-        self.table.optimize(OptimizeAction::Index(Default::default())).await?;
-        Ok(())
+        crate::maintain_table(&self.table, keep).await
     }
 
     async fn collect(query: impl ExecutableQuery) -> Result<Vec<RecordBatch>, StoreError> {
@@ -438,14 +478,19 @@ impl Chunks {
         let cands: Vec<(usize, f32, &[f32])> = pool
             .iter()
             .enumerate()
-            .filter_map(|(i, (id, score))| rows.get(id).map(|(_, v)| (i, score / best, v.as_slice())))
+            .filter_map(|(i, (id, score))| {
+                rows.get(id).map(|(_, v)| (i, score / best, v.as_slice()))
+            })
             .collect();
         let picked = crate::mmr(&cands, k, 0.7);
         Ok(picked
             .into_iter()
             .filter_map(|i| {
                 let (id, score) = &pool[i];
-                rows.get(id).map(|(hit, _)| Hit { score: *score, ..hit.clone() })
+                rows.get(id).map(|(hit, _)| Hit {
+                    score: *score,
+                    ..hit.clone()
+                })
             })
             .collect())
     }

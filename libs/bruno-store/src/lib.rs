@@ -2,6 +2,8 @@
 //!
 //! - `chunks`: the knowledge base (id, doc_id, source, title, text,
 //!   content_hash, chunk_index, vector, embedder, updated_at);
+//! - `conversations`: the turns of every session (id, session_id, role,
+//!   text, correlation_id, vector, embedder, created_at, updated_at);
 //! - every table records the embedder (model, dimension) that filled it in
 //!   its schema metadata; opening it with another embedder is an error.
 //!
@@ -13,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod chunks;
+mod conversations;
 mod rank;
 mod sql;
 
@@ -20,7 +23,12 @@ use std::time::Duration;
 
 pub use bruno_events::payload::EmbedderInfo;
 pub use chunks::{ChunkRow, Chunks, DocumentWrite, Hit, SearchFilters, WriteOutcome};
-use lancedb::Connection;
+pub use conversations::{Conversations, TurnRow};
+use lancedb::arrow::arrow_schema::SchemaRef;
+use lancedb::database::CreateTableMode;
+use lancedb::index::Index;
+use lancedb::index::scalar::FtsIndexBuilder;
+use lancedb::{Connection, Table};
 pub use rank::{mmr, rrf};
 use serde::Deserialize;
 pub use sql::quote;
@@ -44,7 +52,11 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { uri: "./data/lancedb".into(), read_consistency_ms: 1000, vector_index_min_rows: 50_000 }
+        Self {
+            uri: "./data/lancedb".into(),
+            read_consistency_ms: 1000,
+            vector_index_min_rows: 50_000,
+        }
     }
 }
 
@@ -94,7 +106,47 @@ impl Store {
 
     /// The `chunks` table, created for `embedder` if missing.
     pub async fn chunks(&self, embedder: &EmbedderInfo) -> Result<Chunks, StoreError> {
-        Chunks::open_or_create(&self.db, embedder, &self.config).await
+        Chunks::open(&self.db, embedder, &self.config, true).await
+    }
+
+    /// The `chunks` table for reading only: `None` while it does not exist
+    /// (nothing is created; readers never write).
+    pub async fn existing_chunks(
+        &self,
+        embedder: &EmbedderInfo,
+    ) -> Result<Option<Chunks>, StoreError> {
+        match self.db.open_table(chunks::TABLE).execute().await {
+            Ok(_) => Ok(Some(
+                Chunks::open(&self.db, embedder, &self.config, false).await?,
+            )),
+            Err(lancedb::Error::TableNotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The `conversations` table for reading only: `None` while it does not exist.
+    pub async fn existing_conversations(
+        &self,
+        embedder: &EmbedderInfo,
+    ) -> Result<Option<Conversations>, StoreError> {
+        match self.db.open_table(conversations::TABLE).execute().await {
+            Ok(_) => Ok(Some(Conversations::open(&self.db, embedder, false).await?)),
+            Err(lancedb::Error::TableNotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The `conversations` table, created for `embedder` if missing.
+    pub async fn conversations(
+        &self,
+        embedder: &EmbedderInfo,
+    ) -> Result<Conversations, StoreError> {
+        Conversations::open(&self.db, embedder, true).await
+    }
+
+    /// The storage URI.
+    pub fn uri(&self) -> &str {
+        &self.config.uri
     }
 
     /// The names of the tables present.
@@ -105,4 +157,81 @@ impl Store {
 
 fn embedder_label(model: &str, dimension: impl std::fmt::Display) -> String {
     format!("{model}/{dimension}")
+}
+
+/// Open `name` (the writer creates it with `schema` if missing) and check
+/// that its embedder is `embedder`; the writer also makes sure it has a
+/// full-text index on `text`.
+async fn open_checked(
+    db: &Connection,
+    name: &str,
+    schema: SchemaRef,
+    embedder: &EmbedderInfo,
+    writer: bool,
+) -> Result<Table, StoreError> {
+    // Open first: creating with another embedder's schema would fail with a
+    // schema error instead of the mismatch we want to report.
+    let table = match db.open_table(name).execute().await {
+        Ok(table) => table,
+        Err(lancedb::Error::TableNotFound { .. }) if writer => {
+            db.create_empty_table(name, schema)
+                .mode(CreateTableMode::exist_ok(|request| request))
+                .execute()
+                .await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let actual = table.schema().await?;
+    let stored_model = actual.metadata.get(META_MODEL).cloned().unwrap_or_default();
+    let stored_dim = actual
+        .metadata
+        .get(META_DIMENSION)
+        .cloned()
+        .unwrap_or_default();
+    if stored_model != embedder.model || stored_dim != embedder.dimension.to_string() {
+        return Err(StoreError::EmbedderMismatch {
+            table: name.into(),
+            stored: embedder_label(&stored_model, &stored_dim),
+            requested: embedder_label(&embedder.model, embedder.dimension),
+        });
+    }
+    let indices = if writer {
+        table.list_indices().await?
+    } else {
+        Vec::new()
+    };
+    if writer
+        && !indices
+            .iter()
+            .any(|i| i.columns.iter().any(|c| c == "text"))
+    {
+        table
+            .create_index(&["text"], Index::FTS(FtsIndexBuilder::default()))
+            .execute()
+            .await?;
+    }
+    Ok(table)
+}
+
+/// Fold new rows into the indexes, compact files and drop versions older
+/// than `keep`.
+async fn maintain_table(table: &Table, keep: chrono::Duration) -> Result<(), StoreError> {
+    use lancedb::table::{CompactionOptions, OptimizeAction};
+    table
+        .optimize(OptimizeAction::Compact {
+            options: CompactionOptions::default(),
+            remap_options: None,
+        })
+        .await?;
+    table
+        .optimize(OptimizeAction::Prune {
+            older_than: Some(keep),
+            delete_unverified: None,
+            error_if_tagged_old_versions: None,
+        })
+        .await?;
+    table
+        .optimize(OptimizeAction::Index(Default::default()))
+        .await?;
+    Ok(())
 }

@@ -11,7 +11,10 @@ pub fn rrf(lists: &[Vec<String>], k: f32) -> Vec<(String, f32)> {
             *scores.entry(id.as_str()).or_default() += 1.0 / (k + rank as f32 + 1.0);
         }
     }
-    let mut out: Vec<(String, f32)> = scores.into_iter().map(|(id, s)| (id.to_owned(), s)).collect();
+    let mut out: Vec<(String, f32)> = scores
+        .into_iter()
+        .map(|(id, s)| (id.to_owned(), s))
+        .collect();
     out.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     out
 }
@@ -53,7 +56,13 @@ mod tests {
 
     #[test]
     fn rrf_rewards_agreement() {
-        let fused = rrf(&[vec!["a".into(), "b".into(), "c".into()], vec!["b".into(), "d".into()]], 60.0);
+        let fused = rrf(
+            &[
+                vec!["a".into(), "b".into(), "c".into()],
+                vec!["b".into(), "d".into()],
+            ],
+            60.0,
+        );
         assert_eq!(fused[0].0, "b");
         assert_eq!(fused.len(), 4);
     }

@@ -1,7 +1,9 @@
 //! The chunks table on real LanceDB in a temp dir.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use bruno_store::{ChunkRow, DocumentWrite, EmbedderInfo, SearchFilters, Store, StoreConfig, StoreError};
+use bruno_store::{
+    ChunkRow, DocumentWrite, EmbedderInfo, SearchFilters, Store, StoreConfig, StoreError,
+};
 
 const DIM: usize = 64;
 
@@ -9,8 +11,14 @@ const DIM: usize = 64;
 /// are close. Stands in for a model; the MiniLM path is tested with the model.
 fn embed(text: &str) -> Vec<f32> {
     let mut v = vec![0.0f32; DIM];
-    for word in text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
-        let h = word.bytes().fold(1469598103934665603u64, |h, b| (h ^ u64::from(b)).wrapping_mul(1099511628211));
+    for word in text
+        .to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let h = word.bytes().fold(1469598103934665603u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(1099511628211)
+        });
         v[(h % DIM as u64) as usize] += 1.0;
     }
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
@@ -19,13 +27,18 @@ fn embed(text: &str) -> Vec<f32> {
 }
 
 fn info() -> EmbedderInfo {
-    EmbedderInfo { model: "test/bag-of-words".into(), dimension: DIM as u32 }
+    EmbedderInfo {
+        model: "test/bag-of-words".into(),
+        dimension: DIM as u32,
+    }
 }
 
 fn doc(doc_id: &str, source: &str, hash: &str, texts: &[&str]) -> DocumentWrite {
     DocumentWrite {
         doc_id: doc_id.into(),
-        chunk_ids: (0..texts.len()).map(|i| format!("{doc_id}:{hash}:{i}")).collect(),
+        chunk_ids: (0..texts.len())
+            .map(|i| format!("{doc_id}:{hash}:{i}"))
+            .collect(),
         rows: texts
             .iter()
             .enumerate()
@@ -44,7 +57,11 @@ fn doc(doc_id: &str, source: &str, hash: &str, texts: &[&str]) -> DocumentWrite 
 }
 
 async fn store(dir: &tempfile::TempDir) -> Store {
-    let config = StoreConfig { uri: dir.path().join("db").display().to_string(), read_consistency_ms: 0, ..Default::default() };
+    let config = StoreConfig {
+        uri: dir.path().join("db").display().to_string(),
+        read_consistency_ms: 0,
+        ..Default::default()
+    };
     Store::open(config).await.unwrap()
 }
 
@@ -52,7 +69,12 @@ async fn store(dir: &tempfile::TempDir) -> Store {
 async fn writes_are_idempotent_and_replace_stale_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let chunks = store(&dir).await.chunks(&info()).await.unwrap();
-    let first = doc("d1", "wiki", "h1", &["the backup runs nightly", "restores take ten minutes"]);
+    let first = doc(
+        "d1",
+        "wiki",
+        "h1",
+        &["the backup runs nightly", "restores take ten minutes"],
+    );
     let other = doc("d2", "wiki", "h9", &["routers need firmware updates"]);
     let w = chunks.write(&[first.clone(), other]).await.unwrap();
     assert_eq!((w.inserted, w.updated, w.deleted), (3, 0, 0));
@@ -60,23 +82,51 @@ async fn writes_are_idempotent_and_replace_stale_chunks() {
     let again = chunks.write(&[first]).await.unwrap();
     assert_eq!((again.inserted, again.deleted), (0, 0));
     assert_eq!(chunks.count(None).await.unwrap(), 3);
-    assert_eq!(chunks.content_hash("d1").await.unwrap().as_deref(), Some("h1"));
+    assert_eq!(
+        chunks.content_hash("d1").await.unwrap().as_deref(),
+        Some("h1")
+    );
 
     // A changed document replaces its chunks; the other document is untouched.
-    let w = chunks.write(&[doc("d1", "wiki", "h2", &["snapshots are encrypted with age"])]).await.unwrap();
+    let w = chunks
+        .write(&[doc(
+            "d1",
+            "wiki",
+            "h2",
+            &["snapshots are encrypted with age"],
+        )])
+        .await
+        .unwrap();
     assert_eq!((w.inserted, w.deleted), (1, 2));
     assert_eq!(chunks.count(Some("d1")).await.unwrap(), 1);
     assert_eq!(chunks.count(Some("d2")).await.unwrap(), 1);
-    assert_eq!(chunks.content_hash("d1").await.unwrap().as_deref(), Some("h2"));
-    let hits = chunks.search(&embed("nightly backup"), "nightly", 5, &SearchFilters::default()).await.unwrap();
-    assert!(hits.iter().all(|h| !h.text.contains("nightly")), "old text still searchable: {hits:?}");
+    assert_eq!(
+        chunks.content_hash("d1").await.unwrap().as_deref(),
+        Some("h2")
+    );
+    let hits = chunks
+        .search(
+            &embed("nightly backup"),
+            "nightly",
+            5,
+            &SearchFilters::default(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        hits.iter().all(|h| !h.text.contains("nightly")),
+        "old text still searchable: {hits:?}"
+    );
     assert_eq!(chunks.content_hash("nope").await.unwrap(), None);
 
     // Rows of one version may arrive in several writes: the id set decides what is stale.
     let mut part = doc("d3", "wiki", "h1", &["one", "two", "three"]);
     let rest = part.rows.split_off(1);
     chunks.write(&[part.clone()]).await.unwrap();
-    chunks.write(&[DocumentWrite { rows: rest, ..part }]).await.unwrap();
+    chunks
+        .write(&[DocumentWrite { rows: rest, ..part }])
+        .await
+        .unwrap();
     assert_eq!(chunks.count(Some("d3")).await.unwrap(), 3);
 }
 
@@ -86,11 +136,29 @@ async fn a_rare_keyword_finds_its_document_first() {
     let chunks = store(&dir).await.chunks(&info()).await.unwrap();
     let mut docs = Vec::new();
     for i in 0..40 {
-        docs.push(doc(&format!("filler{i}"), "wiki", "h", &["the cluster node restarts when the disk is full and the queue grows"]));
+        docs.push(doc(
+            &format!("filler{i}"),
+            "wiki",
+            "h",
+            &["the cluster node restarts when the disk is full and the queue grows"],
+        ));
     }
-    docs.push(doc("rare", "wiki", "h", &["the zanzibarite exporter listens on port 9187 of the cluster node"]));
+    docs.push(doc(
+        "rare",
+        "wiki",
+        "h",
+        &["the zanzibarite exporter listens on port 9187 of the cluster node"],
+    ));
     chunks.write(&docs).await.unwrap();
-    let hits = chunks.search(&embed("zanzibarite"), "zanzibarite", 5, &SearchFilters::default()).await.unwrap();
+    let hits = chunks
+        .search(
+            &embed("zanzibarite"),
+            "zanzibarite",
+            5,
+            &SearchFilters::default(),
+        )
+        .await
+        .unwrap();
     assert_eq!(hits[0].doc_id, "rare", "{hits:?}");
     assert_eq!(hits[0].title.as_deref(), Some("Title of rare"));
     assert!(hits.len() <= 5);
@@ -101,21 +169,45 @@ async fn filters_are_escaped_not_spliced() {
     let dir = tempfile::tempdir().unwrap();
     let chunks = store(&dir).await.chunks(&info()).await.unwrap();
     chunks
-        .write(&[doc("a", "alpha", "h", &["quarterly report numbers"]), doc("b", "beta", "h", &["quarterly report numbers"])])
+        .write(&[
+            doc("a", "alpha", "h", &["quarterly report numbers"]),
+            doc("b", "beta", "h", &["quarterly report numbers"]),
+        ])
         .await
         .unwrap();
     let q = embed("quarterly report");
-    let only_alpha = SearchFilters { source: Some("alpha".into()), doc_id: None };
-    let hits = chunks.search(&q, "quarterly", 10, &only_alpha).await.unwrap();
-    assert_eq!(hits.iter().map(|h| h.doc_id.as_str()).collect::<Vec<_>>(), ["a"]);
-    for evil in ["x' OR '1'='1", "alpha' OR source = 'beta", "'; DROP TABLE chunks; --", "alpha\\' OR 1=1 --"] {
-        let filters = SearchFilters { source: Some(evil.into()), doc_id: Some(evil.into()) };
+    let only_alpha = SearchFilters {
+        source: Some("alpha".into()),
+        doc_id: None,
+    };
+    let hits = chunks
+        .search(&q, "quarterly", 10, &only_alpha)
+        .await
+        .unwrap();
+    assert_eq!(
+        hits.iter().map(|h| h.doc_id.as_str()).collect::<Vec<_>>(),
+        ["a"]
+    );
+    for evil in [
+        "x' OR '1'='1",
+        "alpha' OR source = 'beta",
+        "'; DROP TABLE chunks; --",
+        "alpha\\' OR 1=1 --",
+    ] {
+        let filters = SearchFilters {
+            source: Some(evil.into()),
+            doc_id: Some(evil.into()),
+        };
         let hits = chunks.search(&q, "quarterly", 10, &filters).await.unwrap();
         assert!(hits.is_empty(), "{evil:?} matched {hits:?}");
         assert_eq!(chunks.count(Some(evil)).await.unwrap(), 0);
         assert_eq!(chunks.content_hash(evil).await.unwrap(), None);
     }
-    assert_eq!(chunks.count(None).await.unwrap(), 2, "an injected filter deleted or hid rows");
+    assert_eq!(
+        chunks.count(None).await.unwrap(),
+        2,
+        "an injected filter deleted or hid rows"
+    );
 }
 
 #[tokio::test]
@@ -123,17 +215,29 @@ async fn another_embedder_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(&dir).await;
     s.chunks(&info()).await.unwrap();
-    let other = EmbedderInfo { model: "other/model".into(), dimension: DIM as u32 };
+    let other = EmbedderInfo {
+        model: "other/model".into(),
+        dimension: DIM as u32,
+    };
     let err = s.chunks(&other).await.err().expect("mismatch must fail");
     assert!(matches!(err, StoreError::EmbedderMismatch { .. }), "{err}");
     assert!(err.to_string().contains("test/bag-of-words/64"), "{err}");
-    let wider = EmbedderInfo { model: "test/bag-of-words".into(), dimension: 384 };
-    assert!(matches!(s.chunks(&wider).await, Err(StoreError::EmbedderMismatch { .. })));
+    let wider = EmbedderInfo {
+        model: "test/bag-of-words".into(),
+        dimension: 384,
+    };
+    assert!(matches!(
+        s.chunks(&wider).await,
+        Err(StoreError::EmbedderMismatch { .. })
+    ));
     // Reopening with the right embedder works, and a wrong-sized row is refused.
     let chunks = s.chunks(&info()).await.unwrap();
     let mut bad = doc("x", "s", "h", &["t"]);
     bad.rows[0].vector.push(0.0);
-    assert!(matches!(chunks.write(&[bad]).await, Err(StoreError::InvalidRow(_))));
+    assert!(matches!(
+        chunks.write(&[bad]).await,
+        Err(StoreError::InvalidRow(_))
+    ));
 }
 
 #[tokio::test]
@@ -141,12 +245,23 @@ async fn maintenance_keeps_the_data() {
     let dir = tempfile::tempdir().unwrap();
     let chunks = store(&dir).await.chunks(&info()).await.unwrap();
     for i in 0..5 {
-        chunks.write(&[doc(&format!("d{i}"), "s", "h", &["some words here", "and more words"])]).await.unwrap();
+        chunks
+            .write(&[doc(
+                &format!("d{i}"),
+                "s",
+                "h",
+                &["some words here", "and more words"],
+            )])
+            .await
+            .unwrap();
     }
     let before = chunks.version().await.unwrap();
     chunks.maintain(chrono::Duration::zero()).await.unwrap();
     assert!(chunks.version().await.unwrap() >= before);
     assert_eq!(chunks.count(None).await.unwrap(), 10);
-    let hits = chunks.search(&embed("more words"), "words", 3, &SearchFilters::default()).await.unwrap();
+    let hits = chunks
+        .search(&embed("more words"), "words", 3, &SearchFilters::default())
+        .await
+        .unwrap();
     assert_eq!(hits.len(), 3);
 }

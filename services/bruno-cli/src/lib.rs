@@ -7,12 +7,20 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bruno_broker::{Broker, BrokerConfig, BrokerMetrics, Topology};
+use bruno_embed::{AnyEmbedder, EmbedderConfig};
+use bruno_embedder::{ChunkingConfig, EmbedderMetrics, EmbedderService};
 use bruno_ingress::{Ingress, IngressConfig, IngressMetrics};
+use bruno_retriever::{Retriever, RetrieverConfig, RetrieverMetrics};
 use bruno_runtime::admin::{self, Readiness, serve};
+use bruno_store::{Store, StoreConfig};
+use bruno_writer::{Writer, WriterConfig, WriterMetrics};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+pub mod ingest;
 
 /// The whole configuration: defaults < `--config` file < `BRUNO_*` env.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -24,8 +32,66 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The HTTP ingress.
     pub ingress: IngressConfig,
+    /// LanceDB.
+    pub store: StoreConfig,
+    /// The embedding model (used by the embedder and the retriever).
+    pub embedder: EmbedderConfig,
+    /// How documents are split.
+    pub chunking: ChunkingConfig,
+    /// The writer's batching and maintenance.
+    pub writer: WriterConfig,
+    /// The retriever.
+    pub retriever: RetrieverConfig,
+    /// Messages each consumer works on at once.
+    pub consumers: ConsumersConfig,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// `[consumers]`: concurrency (the prefetch) of each consuming part.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumersConfig {
+    /// Documents embedded at once (CPU-bound: about the core count).
+    pub embedder: u16,
+    /// Searches at once.
+    pub retriever: u16,
+}
+
+impl Default for ConsumersConfig {
+    fn default() -> Self {
+        Self {
+            embedder: 2,
+            retriever: 16,
+        }
+    }
+}
+
+/// A part this process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    /// The HTTP ingress.
+    Ingress,
+    /// document.submitted / chat.completed → memory.write.
+    Embedder,
+    /// memory.write → LanceDB.
+    Writer,
+    /// search.requested / chat.requested → replies.
+    Retriever,
+}
+
+impl Part {
+    /// Every part `bruno dev` runs.
+    pub const ALL: [Part; 4] = [Part::Ingress, Part::Embedder, Part::Writer, Part::Retriever];
+
+    fn name(self) -> &'static str {
+        match self {
+            Part::Ingress => "ingress",
+            Part::Embedder => "embedder",
+            Part::Writer => "writer",
+            Part::Retriever => "retriever",
+        }
+    }
 }
 
 /// `[admin]`.
@@ -76,54 +142,166 @@ pub fn start_broker(
     Broker::start(config.clone(), topology, name, metrics, cancel)
 }
 
-/// Addresses a running ingress listens on.
+/// Addresses a running process listens on.
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
-    /// The ingress.
-    pub ingress: SocketAddr,
+    /// The ingress, when it runs here.
+    pub ingress: Option<SocketAddr>,
     /// The admin server.
     pub admin: SocketAddr,
 }
 
-/// Run the ingress (and the admin server) until `shutdown`; `ready` gets the
-/// bound addresses once listening. The broker connection closes last, after
-/// in-flight requests finished.
+/// Run the ingress (and the admin server) until `shutdown`.
 pub async fn run_ingress(
     config: Config,
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> anyhow::Result<()> {
+    run_parts(config, &[Part::Ingress], shutdown, ready).await
+}
+
+/// Run `parts` in this process (with one admin server) until `shutdown`;
+/// `ready` gets the bound addresses once everything listens and consumes.
+/// Consumers finish their in-flight messages, the writer commits what it
+/// holds, and the broker connection closes last.
+pub async fn run_parts(
+    config: Config,
+    parts: &[Part],
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> anyhow::Result<()> {
+    let name = match parts {
+        [one] => format!("bruno-{}", one.name()),
+        _ => "bruno-dev".to_owned(),
+    };
     let broker_cancel = CancellationToken::new();
     let mut registry = Registry::default();
-    let broker = start_broker(
-        &config.broker,
-        "bruno-ingress",
-        &mut registry,
-        broker_cancel.clone(),
-    );
-    let metrics = IngressMetrics::default();
-    metrics.register(&mut registry);
-    let ingress = Arc::new(Ingress::new(&config.ingress, broker.clone(), metrics)?);
+    let broker = start_broker(&config.broker, &name, &mut registry, broker_cancel.clone());
     let readiness = Readiness::new().check("broker", {
         let broker = broker.clone();
         move || broker.is_connected()
     });
+    let needs_model = parts
+        .iter()
+        .any(|p| matches!(p, Part::Embedder | Part::Retriever));
+    let embedder = if needs_model {
+        let config = config.embedder.clone();
+        let model = tokio::task::spawn_blocking(move || AnyEmbedder::from_config(&config))
+            .await?
+            .context(
+                "loading the embedding model (embedder.*; scripts/fetch-model.sh fetches MiniLM)",
+            )?;
+        Some(Arc::new(model))
+    } else {
+        None
+    };
+    let needs_store = parts
+        .iter()
+        .any(|p| matches!(p, Part::Embedder | Part::Writer | Part::Retriever));
+    let store = if needs_store {
+        Some(
+            Store::open(config.store.clone())
+                .await
+                .with_context(|| format!("opening store.uri {}", config.store.uri))?,
+        )
+    } else {
+        None
+    };
+
+    let mut consumers = JoinSet::new();
+    let consumers_stop = CancellationToken::new();
+    let writer_stop = CancellationToken::new();
+    for part in parts {
+        match (part, &embedder, &store) {
+            (Part::Embedder, Some(model), store) => {
+                let metrics = EmbedderMetrics::default();
+                metrics.register(&mut registry);
+                let handler = Arc::new(EmbedderService::new(
+                    model.clone(),
+                    store.clone(),
+                    config.chunking.clone(),
+                    metrics,
+                ));
+                consumers.spawn(bruno_runtime::run_pull(
+                    broker.clone(),
+                    "embedder",
+                    config.consumers.embedder,
+                    handler,
+                    consumers_stop.clone(),
+                ));
+            }
+            (Part::Writer, _, Some(store)) => {
+                let metrics = WriterMetrics::default();
+                metrics.register(&mut registry);
+                let handler = Arc::new(Writer::start(
+                    store.clone(),
+                    &config.writer,
+                    metrics,
+                    writer_stop.clone(),
+                ));
+                consumers.spawn(bruno_runtime::run_pull(
+                    broker.clone(),
+                    "writer",
+                    config.writer.concurrency,
+                    handler,
+                    consumers_stop.clone(),
+                ));
+            }
+            (Part::Retriever, Some(model), Some(store)) => {
+                let metrics = RetrieverMetrics::default();
+                metrics.register(&mut registry);
+                let handler = Arc::new(Retriever::new(
+                    model.clone(),
+                    store.clone(),
+                    config.retriever.clone(),
+                    metrics,
+                ));
+                consumers.spawn(bruno_runtime::run_pull(
+                    broker.clone(),
+                    "retriever",
+                    config.consumers.retriever,
+                    handler,
+                    consumers_stop.clone(),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let mut ingress_addr = None;
+    let mut ingress_task = None;
+    if parts.contains(&Part::Ingress) {
+        let metrics = IngressMetrics::default();
+        metrics.register(&mut registry);
+        let ingress = Arc::new(Ingress::new(&config.ingress, broker.clone(), metrics)?);
+        let router = bruno_ingress::router(ingress, config.ingress.max_body_bytes);
+        let (addr, task) = serve(config.ingress.listen, router, shutdown.clone())
+            .await
+            .with_context(|| format!("binding ingress.listen {}", config.ingress.listen))?;
+        ingress_addr = Some(addr);
+        ingress_task = Some(task);
+    }
     let admin_router = admin::router(Arc::new(Mutex::new(registry)), readiness);
     let (admin_addr, admin_task) = serve(config.admin.listen, admin_router, shutdown.clone())
         .await
         .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
-    let router = bruno_ingress::router(ingress, config.ingress.max_body_bytes);
-    let (addr, task) = serve(config.ingress.listen, router, shutdown.clone())
-        .await
-        .with_context(|| format!("binding ingress.listen {}", config.ingress.listen))?;
-    info!(%addr, %admin_addr, "ingress listening");
+    let names: Vec<&str> = parts.iter().map(|p| p.name()).collect();
+    info!(parts = ?names, ingress = ?ingress_addr, %admin_addr, "running");
     if let Some(tx) = ready {
         let _ = tx.send(Bound {
-            ingress: addr,
+            ingress: ingress_addr,
             admin: admin_addr,
         });
     }
-    task.await??;
+
+    shutdown.cancelled().await;
+    if let Some(task) = ingress_task {
+        task.await??;
+    }
+    // In-flight messages finish (the writer's wait for their commit) before
+    // the consumers return.
+    consumers_stop.cancel();
+    while consumers.join_next().await.is_some() {}
+    writer_stop.cancel();
     admin_task.await??;
     broker_cancel.cancel();
     Ok(())

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use bruno_broker::dlq;
-use bruno_cli::{Config, connect_for_tool, run_ingress};
+use bruno_cli::{Config, Part, connect_for_tool, run_parts};
 use clap::{Parser, Subcommand};
 
 /// mimalloc: the ingress and consumers allocate per message; glibc malloc
@@ -30,10 +30,59 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every part in one process on embedded defaults (a laptop setup).
+    /// Run every part in one process on embedded defaults (a laptop setup):
+    /// ingress, embedder, writer, retriever.
     Dev,
     /// Run only the HTTP ingress.
     Ingress,
+    /// Run only the embedder (document.submitted, chat.completed → memory.write).
+    Embedder,
+    /// Run only the writer, the one LanceDB writer (memory.write).
+    Writer,
+    /// Run only the retriever (search.requested, chat.requested).
+    Retriever,
+    /// Send text and markdown files (or directories of them) to the ingress
+    /// as document.submitted events.
+    Ingest {
+        /// Files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The ingress URL (default: http://127.0.0.1:<ingress.listen port>/).
+        #[arg(long, env = "BRUNO_INGEST_URL")]
+        url: Option<String>,
+        /// API key for the ingress.
+        #[arg(long, env = "BRUNO_INGEST_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// The documents' source label (filterable in searches).
+        #[arg(long, default_value = "files")]
+        source: String,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Print a JSON report instead of a progress bar.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Search the knowledge base (through the broker and the retriever).
+    Search {
+        /// What to look for.
+        query: String,
+        /// Hits to return.
+        #[arg(short, long, default_value_t = 5)]
+        k: u32,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Only this document.
+        #[arg(long)]
+        doc_id: Option<String>,
+        /// Seconds to wait for the retriever.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Declare the exchanges, queues and bindings, then exit; with
     /// `--manifests`, print them as Messaging Topology Operator resources instead.
     Topology {
@@ -169,9 +218,159 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
-        Command::Dev | Command::Ingress => {
-            let shutdown = bruno_runtime::shutdown::on_signals();
-            run_ingress(config, shutdown, None).await
+        Command::Dev => {
+            run_parts(
+                config,
+                &Part::ALL,
+                bruno_runtime::shutdown::on_signals(),
+                None,
+            )
+            .await
+        }
+        Command::Ingress => {
+            run_parts(
+                config,
+                &[Part::Ingress],
+                bruno_runtime::shutdown::on_signals(),
+                None,
+            )
+            .await
+        }
+        Command::Embedder => {
+            run_parts(
+                config,
+                &[Part::Embedder],
+                bruno_runtime::shutdown::on_signals(),
+                None,
+            )
+            .await
+        }
+        Command::Writer => {
+            run_parts(
+                config,
+                &[Part::Writer],
+                bruno_runtime::shutdown::on_signals(),
+                None,
+            )
+            .await
+        }
+        Command::Retriever => {
+            run_parts(
+                config,
+                &[Part::Retriever],
+                bruno_runtime::shutdown::on_signals(),
+                None,
+            )
+            .await
+        }
+        Command::Ingest {
+            paths,
+            url,
+            api_key,
+            source,
+            concurrency,
+            json,
+        } => {
+            let url = url
+                .unwrap_or_else(|| format!("http://127.0.0.1:{}/", config.ingress.listen.port()));
+            let candidates = bruno_cli::ingest::collect(&paths)?;
+            anyhow::ensure!(
+                !candidates.is_empty(),
+                "no .txt or .md files under {paths:?}"
+            );
+            let bar = if json {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new(candidates.len() as u64)
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} files {elapsed} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let target = bruno_cli::ingest::Target {
+                url,
+                api_key,
+                source,
+                concurrency,
+            };
+            let report = bruno_cli::ingest::run(candidates, &target, |f| {
+                bar.inc(1);
+                if f.status != "accepted" {
+                    bar.println(format!(
+                        "{}: {} ({})",
+                        f.path,
+                        f.status,
+                        f.reason.as_deref().unwrap_or("")
+                    ));
+                }
+            })
+            .await;
+            bar.finish_and_clear();
+            if json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "{} accepted, {} skipped, {} failed",
+                    report.accepted, report.skipped, report.failed
+                );
+            }
+            anyhow::ensure!(report.failed == 0, "{} files failed", report.failed);
+            Ok(())
+        }
+        Command::Search {
+            query,
+            k,
+            source,
+            doc_id,
+            timeout,
+            json,
+        } => {
+            use bruno_events::EventData;
+            use bruno_events::payload::{SearchCompleted, SearchFilters, SearchRequested};
+            let request = SearchRequested {
+                query,
+                k,
+                filters: SearchFilters { source, doc_id },
+            };
+            request.check().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (broker, cancel) = connect_for_tool(&config).await?;
+            let event = bruno_events::new_event("bruno/cli", &request);
+            let reply = bruno_broker::reply::request(
+                &broker,
+                event,
+                &[SearchCompleted::TYPE],
+                std::time::Duration::from_secs(timeout),
+            )
+            .await;
+            cancel.cancel();
+            let reply =
+                reply.context("is the retriever running (bruno dev or bruno retriever)?")?;
+            let done: SearchCompleted =
+                bruno_events::decode_data(&reply).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if json {
+                return print_json(&done);
+            }
+            if done.hits.is_empty() {
+                println!("no hits");
+            }
+            for (i, h) in done.hits.iter().enumerate() {
+                let title = h.title.as_deref().unwrap_or(&h.doc_id);
+                let snippet: String = h
+                    .text
+                    .chars()
+                    .take(160)
+                    .collect::<String>()
+                    .replace('\n', " ");
+                println!(
+                    "{}. {title}  [{}]  score {:.4}\n   {snippet}",
+                    i + 1,
+                    h.source,
+                    h.score
+                );
+            }
+            Ok(())
         }
         Command::Topology {
             manifests: true,

@@ -194,7 +194,7 @@ async fn dev_serves_ingress_and_admin_then_shuts_down() {
     }
     assert!(ready, "/ready never turned 200");
     let r = client
-        .post(format!("http://{}/", bound.ingress))
+        .post(format!("http://{}/", bound.ingress.unwrap()))
         .header("ce-specversion", "1.0")
         .header("ce-id", "cli-1")
         .header("ce-source", "cli-test")

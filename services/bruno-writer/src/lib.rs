@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bruno_events::payload::{DocumentIndexed, EmbedderInfo, MemoryWrite, Table};
 use bruno_events::{Event, reply_event};
 use bruno_runtime::{Context, Handler, HandlerError, Incoming};
-use bruno_store::{ChunkRow, Chunks, DocumentWrite, Store, StoreError};
+use bruno_store::{ChunkRow, Chunks, Conversations, DocumentWrite, Store, StoreError, TurnRow};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -45,7 +45,13 @@ pub struct WriterConfig {
 
 impl Default for WriterConfig {
     fn default() -> Self {
-        Self { batch_rows: 512, batch_ms: 200, concurrency: 128, maintenance_interval_secs: 3600, keep_versions_hours: 2 }
+        Self {
+            batch_rows: 512,
+            batch_ms: 200,
+            concurrency: 128,
+            maintenance_interval_secs: 3600,
+            keep_versions_hours: 2,
+        }
     }
 }
 
@@ -57,6 +63,7 @@ pub struct WriterMetrics {
     commits: Counter,
     chunk_rows: Gauge,
     chunk_version: Gauge,
+    turn_rows: Gauge,
 }
 
 impl Default for WriterMetrics {
@@ -67,6 +74,7 @@ impl Default for WriterMetrics {
             commits: Counter::default(),
             chunk_rows: Gauge::default(),
             chunk_version: Gauge::default(),
+            turn_rows: Gauge::default(),
         }
     }
 }
@@ -74,11 +82,32 @@ impl Default for WriterMetrics {
 impl WriterMetrics {
     /// Register in `registry`.
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("bruno_writer_rows_per_commit", "Rows in each merge_insert", self.rows_per_commit.clone());
-        registry.register("bruno_writer_commit_duration_seconds", "Time of each commit", self.commit_seconds.clone());
+        registry.register(
+            "bruno_writer_rows_per_commit",
+            "Rows in each merge_insert",
+            self.rows_per_commit.clone(),
+        );
+        registry.register(
+            "bruno_writer_commit_duration_seconds",
+            "Time of each commit",
+            self.commit_seconds.clone(),
+        );
         registry.register("bruno_writer_commits", "Commits", self.commits.clone());
-        registry.register("bruno_store_chunks_rows", "Rows in the chunks table", self.chunk_rows.clone());
-        registry.register("bruno_store_chunks_version", "Version of the chunks table", self.chunk_version.clone());
+        registry.register(
+            "bruno_store_chunks_rows",
+            "Rows in the chunks table",
+            self.chunk_rows.clone(),
+        );
+        registry.register(
+            "bruno_store_chunks_version",
+            "Version of the chunks table",
+            self.chunk_version.clone(),
+        );
+        registry.register(
+            "bruno_store_conversations_rows",
+            "Rows in the conversations table",
+            self.turn_rows.clone(),
+        );
     }
 
     /// Commits so far (for tests and benches).
@@ -89,10 +118,37 @@ impl WriterMetrics {
 
 type Reply = oneshot::Sender<Result<Committed, String>>;
 
+/// One message's rows, waiting for the batch commit.
+enum Work {
+    /// A document's chunks (`chunks`).
+    Doc(DocumentWrite),
+    /// Conversation turns (`conversations`).
+    Turns(Vec<TurnRow>),
+}
+
+impl Work {
+    fn rows(&self) -> usize {
+        match self {
+            Work::Doc(d) => d.rows.len(),
+            Work::Turns(t) => t.len(),
+        }
+    }
+}
+
 struct Pending {
     embedder: EmbedderInfo,
-    write: DocumentWrite,
+    work: Work,
     reply: Reply,
+}
+
+impl Pending {
+    fn key(&self) -> (Table, String, u32) {
+        let table = match self.work {
+            Work::Doc(_) => Table::Chunks,
+            Work::Turns(_) => Table::Conversations,
+        };
+        (table, self.embedder.model.clone(), self.embedder.dimension)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -114,24 +170,42 @@ pub struct Writer {
 
 impl Writer {
     /// Start the batcher (and the maintenance loop) over `store`.
-    pub fn start(store: Store, config: &WriterConfig, metrics: WriterMetrics, shutdown: CancellationToken) -> Self {
+    pub fn start(
+        store: Store,
+        config: &WriterConfig,
+        metrics: WriterMetrics,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(4096);
-        let tables: Arc<tokio::sync::Mutex<HashMap<(String, u32), Chunks>>> = Arc::default();
-        tokio::spawn(batcher(rx, store, tables.clone(), config.clone(), metrics.clone()));
+        let tables = Tables::default();
+        tokio::spawn(batcher(
+            rx,
+            store,
+            tables.clone(),
+            config.clone(),
+            metrics.clone(),
+        ));
         tokio::spawn(maintenance(tables, config.clone(), metrics, shutdown));
         Self { tx }
     }
 }
 
 fn meta_str(row: &bruno_events::payload::MemoryRow, key: &str) -> Option<String> {
-    row.metadata.get(key).and_then(|v| v.as_str()).map(str::to_owned)
+    row.metadata
+        .get(key)
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
 }
 
 fn to_write(data: &MemoryWrite) -> Result<DocumentWrite, HandlerError> {
-    let missing = |f: &str| HandlerError::invalid_payload(format!("memory.write to chunks needs {f}"));
+    let missing =
+        |f: &str| HandlerError::invalid_payload(format!("memory.write to chunks needs {f}"));
     let doc_id = data.doc_id.clone().ok_or_else(|| missing("doc_id"))?;
     let chunk_ids = data.chunk_ids.clone().ok_or_else(|| missing("chunk_ids"))?;
-    let content_hash = data.content_hash.clone().ok_or_else(|| missing("content_hash"))?;
+    let content_hash = data
+        .content_hash
+        .clone()
+        .ok_or_else(|| missing("content_hash"))?;
     let rows = data
         .rows
         .iter()
@@ -144,7 +218,10 @@ fn to_write(data: &MemoryWrite) -> Result<DocumentWrite, HandlerError> {
                 .and_then(|v| u32::try_from(v).ok())
                 .ok_or_else(|| missing("rows[].metadata.chunk_index"))?;
             if !chunk_ids.contains(&r.id) {
-                return Err(HandlerError::invalid_payload(format!("row {} is not in chunk_ids", r.id)));
+                return Err(HandlerError::invalid_payload(format!(
+                    "row {} is not in chunk_ids",
+                    r.id
+                )));
             }
             Ok(ChunkRow {
                 id: r.id.clone(),
@@ -158,24 +235,70 @@ fn to_write(data: &MemoryWrite) -> Result<DocumentWrite, HandlerError> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(DocumentWrite { doc_id, rows, chunk_ids })
+    Ok(DocumentWrite {
+        doc_id,
+        rows,
+        chunk_ids,
+    })
+}
+
+fn to_turns(data: &MemoryWrite) -> Result<Vec<TurnRow>, HandlerError> {
+    let missing =
+        |f: &str| HandlerError::invalid_payload(format!("memory.write to conversations needs {f}"));
+    data.rows
+        .iter()
+        .map(|r| {
+            let at =
+                meta_str(r, "created_at").ok_or_else(|| missing("rows[].metadata.created_at"))?;
+            let at = chrono::DateTime::parse_from_rfc3339(&at).map_err(|e| {
+                HandlerError::invalid_payload(format!("rows[].metadata.created_at: {e}"))
+            })?;
+            let role = meta_str(r, "role").ok_or_else(|| missing("rows[].metadata.role"))?;
+            if role != "user" && role != "assistant" {
+                return Err(HandlerError::invalid_payload(format!(
+                    "role {role:?} is neither user nor assistant"
+                )));
+            }
+            Ok(TurnRow {
+                id: r.id.clone(),
+                session_id: meta_str(r, "session_id")
+                    .ok_or_else(|| missing("rows[].metadata.session_id"))?,
+                role,
+                text: r.text.clone(),
+                correlation_id: meta_str(r, "correlation_id")
+                    .ok_or_else(|| missing("rows[].metadata.correlation_id"))?,
+                at_micros: at.timestamp_micros(),
+                vector: r.vector.clone(),
+            })
+        })
+        .collect()
 }
 
 impl Handler for Writer {
     type Input = MemoryWrite;
 
-    async fn handle(&self, input: Incoming<MemoryWrite>, ctx: &Context) -> Result<Vec<Event>, HandlerError> {
+    async fn handle(
+        &self,
+        input: Incoming<MemoryWrite>,
+        ctx: &Context,
+    ) -> Result<Vec<Event>, HandlerError> {
         let data = &input.data;
-        if data.table != Table::Chunks {
-            // The conversations table arrives with conversation memory (issue 4).
-            return Err(HandlerError::invalid_payload("table conversations is not written yet"));
-        }
-        let write = to_write(data)?;
-        let written = write.rows.len() as u64;
-        let doc_id = write.doc_id.clone();
+        let work = match data.table {
+            Table::Chunks => Work::Doc(to_write(data)?),
+            Table::Conversations => Work::Turns(to_turns(data)?),
+        };
+        let written = work.rows() as u64;
+        let doc_id = match &work {
+            Work::Doc(d) => Some(d.doc_id.clone()),
+            Work::Turns(_) => None,
+        };
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Pending { embedder: data.embedder.clone(), write, reply })
+            .send(Pending {
+                embedder: data.embedder.clone(),
+                work,
+                reply,
+            })
             .await
             .map_err(|_| HandlerError::internal("writer batcher stopped"))?;
         let committed = rx
@@ -188,6 +311,9 @@ impl Handler for Writer {
                     HandlerError::dependency(e)
                 }
             })?;
+        let Some(doc_id) = doc_id else {
+            return Ok(Vec::new());
+        };
         let indexed = DocumentIndexed {
             doc_id,
             chunks_written: written,
@@ -198,67 +324,150 @@ impl Handler for Writer {
     }
 }
 
-type Tables = Arc<tokio::sync::Mutex<HashMap<(String, u32), Chunks>>>;
-
-async fn table_for(store: &Store, tables: &Tables, embedder: &EmbedderInfo) -> Result<Chunks, StoreError> {
-    let key = (embedder.model.clone(), embedder.dimension);
-    let mut tables = tables.lock().await;
-    if let Some(t) = tables.get(&key) {
-        return Ok(t.clone());
-    }
-    let t = store.chunks(embedder).await?;
-    tables.insert(key, t.clone());
-    Ok(t)
+/// The open tables, by embedder.
+#[derive(Clone, Default)]
+struct Tables {
+    chunks: Arc<tokio::sync::Mutex<HashMap<(String, u32), Chunks>>>,
+    conversations: Arc<tokio::sync::Mutex<HashMap<(String, u32), Conversations>>>,
 }
 
-async fn batcher(mut rx: mpsc::Receiver<Pending>, store: Store, tables: Tables, config: WriterConfig, metrics: WriterMetrics) {
+impl Tables {
+    async fn chunks(&self, store: &Store, embedder: &EmbedderInfo) -> Result<Chunks, StoreError> {
+        let key = (embedder.model.clone(), embedder.dimension);
+        let mut tables = self.chunks.lock().await;
+        if let Some(t) = tables.get(&key) {
+            return Ok(t.clone());
+        }
+        let t = store.chunks(embedder).await?;
+        tables.insert(key, t.clone());
+        Ok(t)
+    }
+
+    async fn conversations(
+        &self,
+        store: &Store,
+        embedder: &EmbedderInfo,
+    ) -> Result<Conversations, StoreError> {
+        let key = (embedder.model.clone(), embedder.dimension);
+        let mut tables = self.conversations.lock().await;
+        if let Some(t) = tables.get(&key) {
+            return Ok(t.clone());
+        }
+        let t = store.conversations(embedder).await?;
+        tables.insert(key, t.clone());
+        Ok(t)
+    }
+}
+
+fn store_error(e: StoreError) -> String {
+    match e {
+        StoreError::EmbedderMismatch { .. } => format!("embedder: {e}"),
+        StoreError::InvalidRow(_) => format!("invalid row: {e}"),
+        other => other.to_string(),
+    }
+}
+
+async fn batcher(
+    mut rx: mpsc::Receiver<Pending>,
+    store: Store,
+    tables: Tables,
+    config: WriterConfig,
+    metrics: WriterMetrics,
+) {
     let max_wait = Duration::from_millis(config.batch_ms);
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        let mut rows = batch[0].write.rows.len();
+        let mut rows = batch[0].work.rows();
         let deadline = tokio::time::Instant::now() + max_wait;
         while rows < config.batch_rows {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(p)) => {
-                    rows += p.write.rows.len();
+                    rows += p.work.rows();
                     batch.push(p);
                 }
                 Ok(None) | Err(_) => break,
             }
         }
-        // One commit per embedder (in practice, one).
-        let mut groups: HashMap<(String, u32), Vec<Pending>> = HashMap::new();
+        // One commit per table and embedder (in practice, one per table).
+        let mut groups: HashMap<(Table, String, u32), Vec<Pending>> = HashMap::new();
         for p in batch {
-            groups.entry((p.embedder.model.clone(), p.embedder.dimension)).or_default().push(p);
+            groups.entry(p.key()).or_default().push(p);
         }
-        for (_, group) in groups {
-            commit(&store, &tables, group, &metrics).await;
+        for ((table, _, _), group) in groups {
+            match table {
+                Table::Chunks => commit(&store, &tables, group, &metrics).await,
+                Table::Conversations => commit_turns(&store, &tables, group, &metrics).await,
+            }
+        }
+    }
+}
+
+async fn commit_turns(
+    store: &Store,
+    tables: &Tables,
+    group: Vec<Pending>,
+    metrics: &WriterMetrics,
+) {
+    let table = match tables.conversations(store, &group[0].embedder).await {
+        Ok(t) => t,
+        Err(e) => return fail_all(group, &store_error(e)),
+    };
+    let mut rows: Vec<TurnRow> = Vec::new();
+    for p in &group {
+        if let Work::Turns(turns) = &p.work {
+            for t in turns {
+                rows.retain(|r| r.id != t.id);
+                rows.push(t.clone());
+            }
+        }
+    }
+    let started = Instant::now();
+    match table.write(&rows).await {
+        Ok(version) => {
+            metrics.commits.inc();
+            metrics.rows_per_commit.observe(rows.len() as f64);
+            metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            info!(
+                rows = rows.len(),
+                version,
+                table = "conversations",
+                "committed"
+            );
+            if let Ok(n) = table.count(None).await {
+                metrics.turn_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            for p in group {
+                let _ = p.reply.send(Ok(Committed {
+                    version,
+                    removed: 0,
+                }));
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, rows = rows.len(), "commit failed");
+            fail_all(group, &store_error(e));
         }
     }
 }
 
 async fn commit(store: &Store, tables: &Tables, group: Vec<Pending>, metrics: &WriterMetrics) {
-    let embedder = group[0].embedder.clone();
-    let table = match table_for(store, tables, &embedder).await {
+    let table = match tables.chunks(store, &group[0].embedder).await {
         Ok(t) => t,
-        Err(e) => {
-            let msg = match e {
-                StoreError::EmbedderMismatch { .. } => format!("embedder: {e}"),
-                other => other.to_string(),
-            };
-            return fail_all(group, &msg);
-        }
+        Err(e) => return fail_all(group, &store_error(e)),
     };
     // Several messages for one document in a batch: merge them (later rows win).
     let mut docs: Vec<DocumentWrite> = Vec::new();
     for p in &group {
-        match docs.iter_mut().find(|d| d.doc_id == p.write.doc_id) {
+        let Work::Doc(write) = &p.work else { continue };
+        match docs.iter_mut().find(|d| d.doc_id == write.doc_id) {
             Some(d) => {
-                d.rows.retain(|r| !p.write.rows.iter().any(|n| n.id == r.id));
-                d.rows.extend(p.write.rows.iter().cloned());
-                d.chunk_ids = p.write.chunk_ids.clone();
+                d.rows.retain(|r| !write.rows.iter().any(|n| n.id == r.id));
+                d.rows.extend(write.rows.iter().cloned());
+                d.chunk_ids = write.chunk_ids.clone();
             }
-            None => docs.push(p.write.clone()),
+            None => docs.push(write.clone()),
         }
     }
     let rows: usize = docs.iter().map(|d| d.rows.len()).sum();
@@ -272,44 +481,83 @@ async fn commit(store: &Store, tables: &Tables, group: Vec<Pending>, metrics: &W
         Ok(outcome) => {
             metrics.commits.inc();
             metrics.rows_per_commit.observe(rows as f64);
-            metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-            metrics.chunk_version.set(i64::try_from(outcome.version).unwrap_or(i64::MAX));
-            info!(rows, docs = docs.len(), version = outcome.version, deleted = outcome.deleted, "committed");
+            metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            metrics
+                .chunk_version
+                .set(i64::try_from(outcome.version).unwrap_or(i64::MAX));
+            info!(
+                rows,
+                docs = docs.len(),
+                version = outcome.version,
+                deleted = outcome.deleted,
+                "committed"
+            );
+            if let Ok(n) = table.count(None).await {
+                metrics.chunk_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
             for p in group {
-                let removed = stale.get(&p.write.doc_id).copied().unwrap_or(0);
-                let _ = p.reply.send(Ok(Committed { version: outcome.version, removed }));
+                let removed = match &p.work {
+                    Work::Doc(d) => stale.get(&d.doc_id).copied().unwrap_or(0),
+                    Work::Turns(_) => 0,
+                };
+                let _ = p.reply.send(Ok(Committed {
+                    version: outcome.version,
+                    removed,
+                }));
             }
         }
         Err(e) => {
             warn!(error = %e, rows, "commit failed");
-            let msg = match &e {
-                StoreError::InvalidRow(_) => format!("invalid row: {e}"),
-                _ => e.to_string(),
-            };
-            fail_all(group, &msg);
+            fail_all(group, &store_error(e));
         }
     }
 }
 
-async fn maintenance(tables: Tables, config: WriterConfig, metrics: WriterMetrics, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(config.maintenance_interval_secs.max(1)));
+async fn maintenance(
+    tables: Tables,
+    config: WriterConfig,
+    metrics: WriterMetrics,
+    shutdown: CancellationToken,
+) {
+    let mut tick =
+        tokio::time::interval(Duration::from_secs(config.maintenance_interval_secs.max(1)));
     tick.tick().await;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let open: Vec<Chunks> = tables.lock().await.values().cloned().collect();
-        for t in open {
-            let keep = chrono::Duration::hours(config.keep_versions_hours);
+        let keep = chrono::Duration::hours(config.keep_versions_hours);
+        let chunks: Vec<Chunks> = tables.chunks.lock().await.values().cloned().collect();
+        for t in chunks {
             match t.maintain(keep).await {
                 Ok(()) => {
                     if let Ok(n) = t.count(None).await {
                         metrics.chunk_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
                     }
-                    info!("table maintenance done");
+                    info!(table = "chunks", "table maintenance done");
                 }
-                Err(e) => warn!(error = %e, "table maintenance failed"),
+                Err(e) => warn!(error = %e, table = "chunks", "table maintenance failed"),
+            }
+        }
+        let conversations: Vec<Conversations> = tables
+            .conversations
+            .lock()
+            .await
+            .values()
+            .cloned()
+            .collect();
+        for t in conversations {
+            match t.maintain(keep).await {
+                Ok(()) => {
+                    if let Ok(n) = t.count(None).await {
+                        metrics.turn_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                    info!(table = "conversations", "table maintenance done");
+                }
+                Err(e) => warn!(error = %e, table = "conversations", "table maintenance failed"),
             }
         }
     }

@@ -16,12 +16,17 @@ use tokio_util::sync::CancellationToken;
 const DIM: u32 = 8;
 
 fn embedder(dim: u32) -> EmbedderInfo {
-    EmbedderInfo { model: "test/fake".into(), dimension: dim }
+    EmbedderInfo {
+        model: "test/fake".into(),
+        dimension: dim,
+    }
 }
 
 fn write_event(doc: usize, version: &str, chunks: usize, dim: u32) -> Event {
     let doc_id = format!("doc-{doc}");
-    let ids: Vec<String> = (0..chunks).map(|i| format!("{doc_id}:{version}:{i}")).collect();
+    let ids: Vec<String> = (0..chunks)
+        .map(|i| format!("{doc_id}:{version}:{i}"))
+        .collect();
     let rows = ids
         .iter()
         .enumerate()
@@ -62,16 +67,33 @@ struct Running {
 fn start_writer(broker: bruno_broker::Broker, store: Store) -> Running {
     let shutdown = CancellationToken::new();
     let metrics = WriterMetrics::default();
-    let config = WriterConfig { batch_ms: 300, ..WriterConfig::default() };
+    let config = WriterConfig {
+        batch_ms: 300,
+        ..WriterConfig::default()
+    };
     let writer = Writer::start(store, &config, metrics.clone(), shutdown.clone());
-    let task = tokio::spawn(bruno_runtime::run_pull(broker, "writer", config.concurrency, Arc::new(writer), shutdown.clone()));
-    Running { shutdown, task, metrics }
+    let task = tokio::spawn(bruno_runtime::run_pull(
+        broker,
+        "writer",
+        config.concurrency,
+        Arc::new(writer),
+        shutdown.clone(),
+    ));
+    Running {
+        shutdown,
+        task,
+        metrics,
+    }
 }
 
 async fn open_store(dir: &tempfile::TempDir) -> Store {
-    Store::open(StoreConfig { uri: dir.path().display().to_string(), read_consistency_ms: 0, ..Default::default() })
-        .await
-        .unwrap()
+    Store::open(StoreConfig {
+        uri: dir.path().display().to_string(),
+        read_consistency_ms: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -85,21 +107,39 @@ async fn writes_are_batched_exactly_once_and_survive_a_killed_writer() {
     let store = open_store(&dir).await;
     let (recorder, mut indexed) = Recorder::new();
     let obs_stop = CancellationToken::new();
-    let observer = tokio::spawn(bruno_runtime::run_pull(h.broker.clone(), "observer", 32, recorder, obs_stop.clone()));
+    let observer = tokio::spawn(bruno_runtime::run_pull(
+        h.broker.clone(),
+        "observer",
+        32,
+        recorder,
+        obs_stop.clone(),
+    ));
 
     // 60 documents of 3 chunks, published at once: the writer batches them.
     let events: Vec<Event> = (0..60).map(|d| write_event(d, "v1", 3, DIM)).collect();
     h.broker.publish_all(&events).await.unwrap();
     let w = start_writer(h.broker.clone(), store.clone());
     let got = recv_n(&mut indexed, 60, Duration::from_secs(60)).await;
-    let chunks = store.chunks(&StoreEmbedder { model: "test/fake".into(), dimension: DIM }).await.unwrap();
+    let chunks = store
+        .chunks(&StoreEmbedder {
+            model: "test/fake".into(),
+            dimension: DIM,
+        })
+        .await
+        .unwrap();
     assert_eq!(chunks.count(None).await.unwrap(), 180);
     let commits = w.metrics.commits();
-    assert!(commits < 60, "{commits} commits for 60 messages: no batching");
+    assert!(
+        commits < 60,
+        "{commits} commits for 60 messages: no batching"
+    );
     eprintln!("60 messages, 180 rows in {commits} commits");
     let d: DocumentIndexed = decode_data(&got[0]).unwrap();
     assert_eq!(d.chunks_written, 3);
-    assert!(got.iter().all(|e| bruno_events::ext_str(e, "correlationid").is_none()));
+    assert!(
+        got.iter()
+            .all(|e| bruno_events::ext_str(e, "correlationid").is_none())
+    );
 
     // Redelivered writes (same ids) change nothing.
     h.broker.publish_all(&events[..10]).await.unwrap();
@@ -107,10 +147,16 @@ async fn writes_are_batched_exactly_once_and_survive_a_killed_writer() {
     assert_eq!(chunks.count(None).await.unwrap(), 180);
 
     // A new version of doc-0 replaces its chunks and reports what it removed.
-    h.broker.publish(&write_event(0, "v2", 2, DIM)).await.unwrap();
+    h.broker
+        .publish(&write_event(0, "v2", 2, DIM))
+        .await
+        .unwrap();
     let got = recv_n(&mut indexed, 1, Duration::from_secs(30)).await;
     let d: DocumentIndexed = decode_data(&got[0]).unwrap();
-    assert_eq!((d.doc_id.as_str(), d.chunks_written, d.chunks_removed), ("doc-0", 2, 3));
+    assert_eq!(
+        (d.doc_id.as_str(), d.chunks_written, d.chunks_removed),
+        ("doc-0", 2, 3)
+    );
     assert_eq!(chunks.count(Some("doc-0")).await.unwrap(), 2);
     w.shutdown.cancel();
     w.task.await.unwrap();
@@ -127,11 +173,18 @@ async fn writes_are_batched_exactly_once_and_survive_a_killed_writer() {
     let w = start_writer(h.broker.clone(), store.clone());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while chunks.count(None).await.unwrap() < 179 + 240 {
-        assert!(tokio::time::Instant::now() < deadline, "rows missing after the restart");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rows missing after the restart"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(chunks.count(None).await.unwrap(), 179 + 240, "duplicates or losses");
+    assert_eq!(
+        chunks.count(None).await.unwrap(),
+        179 + 240,
+        "duplicates or losses"
+    );
     for d in 100..160 {
         assert_eq!(chunks.count(Some(&format!("doc-{d}"))).await.unwrap(), 4);
     }
@@ -144,11 +197,17 @@ async fn writes_are_batched_exactly_once_and_survive_a_killed_writer() {
 
 #[tokio::test]
 async fn bad_writes_are_dead_lettered_with_a_reason() {
-    let h = Harness::new(vec![PartSpec::on_types("writer", &[MemoryWrite::TYPE]).single_active()]).await;
+    let h = Harness::new(vec![
+        PartSpec::on_types("writer", &[MemoryWrite::TYPE]).single_active(),
+    ])
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(&dir).await;
     let w = start_writer(h.broker.clone(), store.clone());
-    h.broker.publish(&write_event(1, "v1", 2, DIM)).await.unwrap();
+    h.broker
+        .publish(&write_event(1, "v1", 2, DIM))
+        .await
+        .unwrap();
     // Another embedder than the one that filled the table.
     let other_dim = write_event(2, "v1", 2, 16);
     // A row outside the declared chunk-id set.
@@ -158,26 +217,45 @@ async fn bad_writes_are_dead_lettered_with_a_reason() {
     stray.set_data(bruno_events::JSON, serde_json::to_value(&data).unwrap());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let chunks = loop {
-        if let Ok(c) = store.chunks(&StoreEmbedder { model: "test/fake".into(), dimension: DIM }).await {
-            if c.count(None).await.unwrap() == 2 {
-                break c;
-            }
+        if let Ok(c) = store
+            .chunks(&StoreEmbedder {
+                model: "test/fake".into(),
+                dimension: DIM,
+            })
+            .await
+            && c.count(None).await.unwrap() == 2
+        {
+            break c;
         }
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    h.broker.publish_all(&[other_dim.clone(), stray.clone()]).await.unwrap();
+    h.broker
+        .publish_all(&[other_dim.clone(), stray.clone()])
+        .await
+        .unwrap();
     let dlq_name = h.topology.names.dlq("writer");
     while h.depth(&dlq_name).await < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "bad writes not dead-lettered");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bad writes not dead-lettered"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let letters = dlq::list(&h.broker, "writer", 10).await.unwrap();
     let mismatch = letters.iter().find(|d| d.id == other_dim.id()).unwrap();
     assert_eq!(mismatch.code, "invalid_payload");
-    assert!(mismatch.reason.contains("test/fake/8") && mismatch.reason.contains("16"), "{}", mismatch.reason);
+    assert!(
+        mismatch.reason.contains("test/fake/8") && mismatch.reason.contains("16"),
+        "{}",
+        mismatch.reason
+    );
     let stray_letter = letters.iter().find(|d| d.id == stray.id()).unwrap();
-    assert!(stray_letter.reason.contains("not in chunk_ids"), "{}", stray_letter.reason);
+    assert!(
+        stray_letter.reason.contains("not in chunk_ids"),
+        "{}",
+        stray_letter.reason
+    );
     assert_eq!(chunks.count(None).await.unwrap(), 2);
     w.shutdown.cancel();
     w.task.await.unwrap();

@@ -1,0 +1,202 @@
+//! A compact BERT encoder forward pass for inference on the CPU.
+//!
+//! Same weights and the same arithmetic as candle-transformers' `BertModel`
+//! (checked against sentence-transformers by the fixture test), arranged for
+//! throughput on few cores:
+//! - every linear layer is one 2-D GEMM over all tokens of the batch
+//!   (`[batch·len, in] × [in, out]`), Q, K and V fused into one;
+//! - softmax over attention scores is candle's fused, parallel
+//!   `softmax_last_dim` (the generic softmax is four single-threaded passes);
+//! - layer norms are candle's fused `layer_norm`.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+use candle_transformers::models::bert::Config;
+
+struct Linear {
+    /// `[in, out]`, contiguous (pre-transposed once at load).
+    weight_t: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn load(vb: &VarBuilder, inp: usize, out: usize) -> Result<Self> {
+        let weight = vb.get((out, inp), "weight")?;
+        let bias = vb.get(out, "bias")?;
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
+    }
+
+    fn fused(parts: &[Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight_t).collect();
+        let biases: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
+        Ok(Self {
+            weight_t: Tensor::cat(&weights, 1)?.contiguous()?,
+            bias: Tensor::cat(&biases, 0)?,
+        })
+    }
+
+    /// `x`: `[tokens, in]` → `[tokens, out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn load(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+    }
+}
+
+struct Layer {
+    qkv: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+/// The encoder: token ids and attention mask in, last hidden states out.
+pub struct Bert {
+    word: Embedding,
+    position: Tensor,
+    token_type: Tensor,
+    embed_norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    head_dim: usize,
+    hidden: usize,
+}
+
+impl Bert {
+    /// Load from a sentence-transformers / Hugging Face BERT checkpoint.
+    pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb
+        };
+        let h = config.hidden_size;
+        let e = vb.pp("embeddings");
+        let word = Embedding::new(e.get((config.vocab_size, h), "word_embeddings.weight")?, h);
+        let position = e.get(
+            (config.max_position_embeddings, h),
+            "position_embeddings.weight",
+        )?;
+        let token_type = e
+            .get((config.type_vocab_size, h), "token_type_embeddings.weight")?
+            .narrow(0, 0, 1)?;
+        let embed_norm = LayerNorm::load(&e.pp("LayerNorm"), h, config.layer_norm_eps)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = vb.pp(format!("encoder.layer.{i}"));
+            let a = l.pp("attention");
+            let s = a.pp("self");
+            let qkv = Linear::fused(&[
+                Linear::load(&s.pp("query"), h, h)?,
+                Linear::load(&s.pp("key"), h, h)?,
+                Linear::load(&s.pp("value"), h, h)?,
+            ])?;
+            layers.push(Layer {
+                qkv,
+                attn_out: Linear::load(&a.pp("output").pp("dense"), h, h)?,
+                attn_norm: LayerNorm::load(
+                    &a.pp("output").pp("LayerNorm"),
+                    h,
+                    config.layer_norm_eps,
+                )?,
+                intermediate: Linear::load(
+                    &l.pp("intermediate").pp("dense"),
+                    h,
+                    config.intermediate_size,
+                )?,
+                output: Linear::load(&l.pp("output").pp("dense"), config.intermediate_size, h)?,
+                out_norm: LayerNorm::load(
+                    &l.pp("output").pp("LayerNorm"),
+                    h,
+                    config.layer_norm_eps,
+                )?,
+            });
+        }
+        let heads = config.num_attention_heads;
+        Ok(Self {
+            word,
+            position,
+            token_type,
+            embed_norm,
+            layers,
+            heads,
+            head_dim: h / heads,
+            hidden: h,
+        })
+    }
+
+    /// `ids`, `mask`: `[batch, len]` (u32) → `[batch, len, hidden]`.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, len) = ids.dims2()?;
+        let (h, heads, hd) = (self.hidden, self.heads, self.head_dim);
+        let tokens = b * len;
+        let x = self
+            .word
+            .forward(&ids.flatten_all()?)?
+            .reshape((b, len, h))?
+            .broadcast_add(&self.position.narrow(0, 0, len)?)?
+            .broadcast_add(&self.token_type)?
+            .reshape((tokens, h))?;
+        let mut x = self.embed_norm.forward(&x)?;
+        // 0 for real tokens, a large negative number for padding: [b, 1, 1, len].
+        let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, len))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for layer in &self.layers {
+            let qkv = layer.qkv.forward(&x)?.reshape((b, len, 3, heads, hd))?;
+            let q = (qkv
+                .narrow(2, 0, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()?
+                * scale)?;
+            let k = qkv
+                .narrow(2, 1, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = qkv
+                .narrow(2, 2, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let context = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((tokens, h))?;
+            let attn = layer
+                .attn_norm
+                .forward(&(layer.attn_out.forward(&context)? + &x)?)?;
+            let inter = layer.intermediate.forward(&attn)?.gelu_erf()?;
+            x = layer
+                .out_norm
+                .forward(&(layer.output.forward(&inter)? + &attn)?)?;
+        }
+        x.reshape((b, len, h))
+    }
+}

@@ -1,0 +1,266 @@
+//! `bruno ingest`: files and directories of text/markdown become
+//! `document.submitted` events POSTed to the ingress.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bruno_events::EventData;
+use bruno_events::payload::{DocFormat, DocumentSubmitted};
+use futures_util::StreamExt;
+use serde::Serialize;
+
+/// One file to send.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The file.
+    pub path: PathBuf,
+    /// Text or markdown (from the extension).
+    pub format: DocFormat,
+}
+
+/// What happened to one file.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileReport {
+    /// The file.
+    pub path: String,
+    /// The document id it was sent as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub doc_id: Option<String>,
+    /// `accepted`, `skipped` or `failed`.
+    pub status: &'static str,
+    /// Why it was skipped or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IngestReport {
+    /// Files the ingress accepted.
+    pub accepted: usize,
+    /// Files not sent (not text, not UTF-8, empty).
+    pub skipped: usize,
+    /// Files the ingress refused or that could not be sent.
+    pub failed: usize,
+    /// Per file.
+    pub files: Vec<FileReport>,
+}
+
+fn format_of(path: &Path) -> Option<DocFormat> {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("md" | "markdown" | "mdx") => Some(DocFormat::Markdown),
+        Some("txt" | "text" | "rst" | "adoc" | "org") => Some(DocFormat::Text),
+        _ => None,
+    }
+}
+
+/// The text and markdown files under `paths` (directories are walked,
+/// hidden entries skipped), sorted, each once; other files named directly
+/// are an error, found in directories they are ignored.
+pub fn collect(paths: &[PathBuf]) -> anyhow::Result<Vec<Candidate>> {
+    let mut out = Vec::new();
+    for root in paths {
+        let meta = std::fs::metadata(root).with_context(|| format!("{}", root.display()))?;
+        if meta.is_file() {
+            let format = format_of(root).with_context(|| {
+                format!(
+                    "{}: not a text or markdown file (.txt, .md, ...)",
+                    root.display()
+                )
+            })?;
+            out.push(Candidate {
+                path: root.clone(),
+                format,
+            });
+            continue;
+        }
+        let walk = walkdir::WalkDir::new(root)
+            .sort_by_file_name()
+            .into_iter()
+            .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
+        for entry in walk {
+            let entry = entry.with_context(|| format!("walking {}", root.display()))?;
+            if entry.file_type().is_file()
+                && let Some(format) = format_of(entry.path())
+            {
+                out.push(Candidate {
+                    path: entry.into_path(),
+                    format,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out.dedup_by(|a, b| a.path == b.path);
+    Ok(out)
+}
+
+/// The title: the first markdown `# heading`, else the file stem.
+pub fn title_of(path: &Path, format: DocFormat, text: &str) -> String {
+    if format == DocFormat::Markdown
+        && let Some(h) = text
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix("# "))
+        && !h.trim().is_empty()
+    {
+        return h.trim().to_owned();
+    }
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The document a file becomes: its id is its path (as given), so ingesting
+/// the same tree again replaces each document's previous version.
+pub fn document(candidate: &Candidate, source: &str) -> Result<DocumentSubmitted, String> {
+    let bytes = std::fs::read(&candidate.path).map_err(|e| e.to_string())?;
+    let text = String::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+    if text.trim().is_empty() {
+        return Err("empty".into());
+    }
+    let doc_id = candidate.path.to_string_lossy().into_owned();
+    Ok(DocumentSubmitted {
+        title: Some(title_of(&candidate.path, candidate.format, &text)),
+        doc_id,
+        source: source.to_owned(),
+        text,
+        format: candidate.format,
+        metadata: Default::default(),
+    })
+}
+
+/// Where and how to send.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The ingress URL (`http://127.0.0.1:8080/`).
+    pub url: String,
+    /// An API key, if the ingress wants one.
+    pub api_key: Option<String>,
+    /// The documents' `source`.
+    pub source: String,
+    /// Requests in flight.
+    pub concurrency: usize,
+}
+
+async fn send(
+    client: &reqwest::Client,
+    target: &Target,
+    doc: &DocumentSubmitted,
+) -> Result<(), String> {
+    let body = serde_json::to_vec(doc).map_err(|e| e.to_string())?;
+    let id = uuid::Uuid::new_v4().to_string();
+    for attempt in 0..5u32 {
+        let mut request = client
+            .post(&target.url)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", &id)
+            .header("ce-type", DocumentSubmitted::TYPE)
+            .header("ce-source", "bruno/cli/ingest")
+            .header("content-type", "application/json")
+            .body(body.clone());
+        if let Some(key) = &target.api_key {
+            request = request.bearer_auth(key);
+        }
+        match request.send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            // The ingress cannot reach the broker right now: it says when to retry.
+            Ok(r) if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE && attempt < 4 => {
+                let wait = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1);
+                tokio::time::sleep(Duration::from_secs(wait.min(10))).await;
+            }
+            Ok(r) => {
+                let status = r.status();
+                let detail = r
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_owned))
+                    .unwrap_or_default();
+                return Err(format!("ingress answered {status}: {detail}"));
+            }
+            Err(e) if attempt < 4 => {
+                tracing::debug!(error = %e, "retrying");
+                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            }
+            Err(e) => return Err(format!("cannot reach the ingress at {}: {e}", target.url)),
+        }
+    }
+    Err("ingress kept answering 503".into())
+}
+
+/// Send every candidate; `progress` is told after each file.
+pub async fn run(
+    candidates: Vec<Candidate>,
+    target: &Target,
+    progress: impl Fn(&FileReport),
+) -> IngestReport {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap_or_default();
+    let mut report = IngestReport::default();
+    let mut results = futures_util::stream::iter(candidates)
+        .map(|c| {
+            let client = &client;
+            async move {
+                let path = c.path.display().to_string();
+                match tokio::task::spawn_blocking({
+                    let c = c.clone();
+                    let source = target.source.clone();
+                    move || document(&c, &source)
+                })
+                .await
+                {
+                    Ok(Ok(doc)) => match send(client, target, &doc).await {
+                        Ok(()) => FileReport {
+                            path,
+                            doc_id: Some(doc.doc_id),
+                            status: "accepted",
+                            reason: None,
+                        },
+                        Err(reason) => FileReport {
+                            path,
+                            doc_id: Some(doc.doc_id),
+                            status: "failed",
+                            reason: Some(reason),
+                        },
+                    },
+                    Ok(Err(reason)) => FileReport {
+                        path,
+                        doc_id: None,
+                        status: "skipped",
+                        reason: Some(reason),
+                    },
+                    Err(e) => FileReport {
+                        path,
+                        doc_id: None,
+                        status: "failed",
+                        reason: Some(e.to_string()),
+                    },
+                }
+            }
+        })
+        .buffered(target.concurrency.max(1));
+    while let Some(file) = results.next().await {
+        match file.status {
+            "accepted" => report.accepted += 1,
+            "skipped" => report.skipped += 1,
+            _ => report.failed += 1,
+        }
+        progress(&file);
+        report.files.push(file);
+    }
+    report
+}

@@ -1,0 +1,633 @@
+//! The knowledge pipeline end to end: real RabbitMQ (unique prefix), real
+//! LanceDB in a temp dir, the real MiniLM model (scripts/fetch-model.sh).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bruno_broker::{PartSpec, codec, dlq};
+use bruno_cli::{Bound, Config, Part, run_parts};
+use bruno_embed::{EmbedderInfo, MiniLm, default_model_dir};
+use bruno_embedder::{ChunkingConfig, chunk_id, content_hash, split};
+use bruno_events::payload::{
+    DocFormat, DocumentSubmitted, MemoryWrite, SearchCompleted, SearchFilters, SearchRequested,
+};
+use bruno_events::{EventData, decode_data, new_event};
+use bruno_store::{Store, StoreConfig};
+use bruno_system_tests::{Harness, Recorder, recv_n};
+use tokio_util::sync::CancellationToken;
+
+const MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
+
+fn minilm() -> MiniLm {
+    MiniLm::load(&default_model_dir()).unwrap_or_else(|e| panic!("{e}; run scripts/fetch-model.sh"))
+}
+
+fn config(h: &Harness, dir: &Path) -> Config {
+    let mut c = Config {
+        broker: h.config.clone(),
+        store: StoreConfig {
+            uri: dir.display().to_string(),
+            read_consistency_ms: 100,
+            ..StoreConfig::default()
+        },
+        ..Config::default()
+    };
+    c.ingress.listen = "127.0.0.1:0".parse().unwrap();
+    c.admin.listen = "127.0.0.1:0".parse().unwrap();
+    c.writer.batch_ms = 100;
+    c
+}
+
+struct InProc {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    bound: Bound,
+}
+
+impl InProc {
+    async fn start(config: Config, parts: &[Part]) -> Self {
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let parts = parts.to_vec();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { run_parts(config, &parts, shutdown, Some(tx)).await }
+        });
+        let bound = rx.await.expect("parts did not start");
+        Self {
+            shutdown,
+            task,
+            bound,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.bound.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+async fn post(ingress: std::net::SocketAddr, doc: &DocumentSubmitted) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{ingress}/"))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", uuid::Uuid::new_v4().to_string())
+        .header("ce-type", DocumentSubmitted::TYPE)
+        .header("ce-source", "tests")
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(doc).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+}
+
+fn doc(doc_id: &str, title: &str, text: &str) -> DocumentSubmitted {
+    DocumentSubmitted {
+        doc_id: doc_id.into(),
+        source: "handbook".into(),
+        title: Some(title.into()),
+        text: text.into(),
+        format: DocFormat::Markdown,
+        metadata: BTreeMap::new(),
+    }
+}
+
+/// Poll `check` until it holds or `timeout` passes (then panic with `what`).
+async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn search(
+    h: &Harness,
+    query: &str,
+    k: u32,
+    filters: SearchFilters,
+) -> Vec<bruno_events::payload::SearchHit> {
+    let request = new_event(
+        "tests",
+        &SearchRequested {
+            query: query.into(),
+            k,
+            filters,
+        },
+    );
+    let reply = bruno_broker::reply::request(
+        &h.broker,
+        request,
+        &[SearchCompleted::TYPE],
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    decode_data::<SearchCompleted>(&reply).unwrap().hits
+}
+
+fn info() -> EmbedderInfo {
+    EmbedderInfo {
+        model: MODEL.into(),
+        dimension: 384,
+    }
+}
+
+/// A deterministic ~230-word document (two chunks) with one unique keyword.
+fn generated(i: usize) -> DocumentSubmitted {
+    const WORDS: &[&str] = &[
+        "river", "engine", "ledger", "harvest", "signal", "garden", "market", "bridge", "winter",
+        "copper", "lantern", "meadow", "harbor", "circuit", "orchard", "canyon", "timber",
+        "voyage", "thunder", "pepper", "silver", "candle", "forest", "anchor", "marble", "saddle",
+        "beacon", "falcon", "glacier", "velvet",
+    ];
+    let mut state = (i as u64 + 1).wrapping_mul(6364136223846793005);
+    let mut word = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        WORDS[(state >> 33) as usize % WORDS.len()]
+    };
+    let mut text = format!("# Report {i}\n\n");
+    for s in 0..24 {
+        if s == 11 {
+            text.push_str(&format!("The code word is kw{i}zq. "));
+        }
+        let sentence: Vec<&str> = (0..9).map(|_| word()).collect();
+        text.push_str(&sentence.join(" "));
+        text.push_str(if s % 4 == 3 { ".\n\n" } else { ". " });
+    }
+    doc(&format!("gen/{i:03}.md"), &format!("Report {i}"), &text)
+}
+
+/// The embedder's dead letters, once there are at least `n` (30 s at most).
+async fn dead_letters(h: &Harness, n: usize) -> Vec<dlq::DeadLetter> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let letters = dlq::list(&h.broker, "embedder", 10).await.unwrap();
+        if letters.len() >= n {
+            return letters;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} dead letters: {letters:?}",
+            letters.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn spawn_part(part: &str, h: &Harness, dir: &Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_bruno"))
+        .arg(part)
+        .env("BRUNO_BROKER__URL", h.config.url.expose())
+        .env("BRUNO_BROKER__PREFIX", &h.config.prefix)
+        .env(
+            "BRUNO_BROKER__RETRY_DELAYS_MS",
+            format!("{:?}", h.config.retry_delays_ms),
+        )
+        .env(
+            "BRUNO_BROKER__DELIVERY_LIMIT",
+            h.config.delivery_limit.to_string(),
+        )
+        .env(
+            "BRUNO_BROKER__MAX_ATTEMPTS",
+            h.config.max_attempts.to_string(),
+        )
+        .env("BRUNO_STORE__URI", dir.display().to_string())
+        .env("BRUNO_STORE__READ_CONSISTENCY_MS", "100")
+        .env("BRUNO_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("BRUNO_WRITER__BATCH_MS", "100")
+        .env("BRUNO_LOG__FILTER", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn kill(mut child: tokio::process::Child) {
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_documents_exactly_once_across_killed_embedder_and_writer() {
+    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ingress = InProc::start(config(&h, dir.path()), &[Part::Ingress]).await;
+    let mut embedder = spawn_part("embedder", &h, dir.path());
+    let mut writer = spawn_part("writer", &h, dir.path());
+
+    // What the table must hold: every chunk of every document, once.
+    let tokenizer = minilm().tokenizer().clone();
+    let chunking = ChunkingConfig::default();
+    let docs: Vec<DocumentSubmitted> = (0..200).map(generated).collect();
+    let mut expected = HashSet::new();
+    for d in &docs {
+        let hash = content_hash(d, &chunking);
+        let n = split(&chunking, Some(&tokenizer), d.format, &d.text).len();
+        assert!(n >= 1);
+        expected.extend((0..n).map(|i| (chunk_id(&d.doc_id, &hash, i), d.doc_id.clone())));
+    }
+
+    let addr = ingress.bound.ingress.unwrap();
+    futures_util::future::join_all(docs.iter().map(|d| post(addr, d))).await;
+
+    let store = Store::open(StoreConfig {
+        uri: dir.path().display().to_string(),
+        read_consistency_ms: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let rows = |min: usize| {
+        let store = store.clone();
+        async move {
+            match store.existing_chunks(&info()).await.unwrap() {
+                Some(t) => t.count(None).await.unwrap() >= min,
+                None => false,
+            }
+        }
+    };
+    // Kill both mid-run (SIGKILL: no graceful anything), then start new ones.
+    eventually(Duration::from_secs(300), "a first third indexed", || {
+        rows(expected.len() / 3)
+    })
+    .await;
+    kill(embedder).await;
+    kill(writer).await;
+    embedder = spawn_part("embedder", &h, dir.path());
+    writer = spawn_part("writer", &h, dir.path());
+    // And the writer once more, later.
+    eventually(Duration::from_secs(300), "two thirds indexed", || {
+        rows(expected.len() * 2 / 3)
+    })
+    .await;
+    kill(writer).await;
+    writer = spawn_part("writer", &h, dir.path());
+
+    eventually(Duration::from_secs(300), "every chunk indexed", || {
+        rows(expected.len())
+    })
+    .await;
+    eventually(Duration::from_secs(60), "queues drained", || async {
+        h.depth(&h.queue("embedder")).await == 0 && h.depth(&h.queue("writer")).await == 0
+    })
+    .await;
+    let table = store.chunks(&info()).await.unwrap();
+    let ids = table.ids().await.unwrap();
+    let stored: HashSet<(String, String)> = ids.iter().cloned().collect();
+    assert_eq!(ids.len(), stored.len(), "a chunk is stored twice");
+    assert_eq!(
+        stored, expected,
+        "stored chunks differ from the documents' chunks"
+    );
+    for part in ["embedder", "writer"] {
+        let letters = dlq::list(&h.broker, part, 10).await.unwrap();
+        assert!(letters.is_empty(), "dead letters in {part}: {letters:?}");
+    }
+    eprintln!(
+        "200 documents, {} chunks, each stored once after 3 kills",
+        ids.len()
+    );
+
+    kill(embedder).await;
+    kill(writer).await;
+    ingress.stop().await;
+    h.cleanup().await;
+}
+
+const GEOLOGY: &str = "# Field notes on vorpalite\n\nVorpalite is a rare blue mineral found in basalt \
+    caves of the northern ridge. Samples crumble when exposed to humid air, so store them sealed.";
+const KETTLE: &str = "# Kettle care\n\nDescale the kettle every month with citric acid: limescale \
+    from hard water makes the heating element slow and noisy.";
+const OTHERS: &[(&str, &str, &str)] = &[
+    (
+        "tax.md",
+        "Filing taxes",
+        "# Filing taxes\n\nSubmit the annual tax return before April. Keep receipts for deductions.",
+    ),
+    (
+        "bikes.md",
+        "Bicycle repair",
+        "# Bicycle repair\n\nTo fix a flat tyre, remove the wheel, patch the inner tube and reinflate it.",
+    ),
+    (
+        "python.md",
+        "Python tips",
+        "# Python tips\n\nUse virtual environments to isolate project dependencies; pin versions in a lock file.",
+    ),
+    (
+        "garden.md",
+        "Tomatoes",
+        "# Growing tomatoes\n\nTomatoes need six hours of sun, deep watering and a stake for support.",
+    ),
+    (
+        "dogs.md",
+        "Puppy training",
+        "# Puppy training\n\nReward the puppy with treats right after it sits on command; keep sessions short.",
+    ),
+    (
+        "sql.md",
+        "Database indexes",
+        "# Database indexes\n\nAn index on the filtered column turns a full table scan into a quick lookup.",
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_finds_keywords_and_paraphrases_and_changed_documents_replace_their_chunks() {
+    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = InProc::start(config(&h, dir.path()), &Part::ALL).await;
+    let addr = fleet.bound.ingress.unwrap();
+    let chunking = ChunkingConfig::default();
+    let store = Store::open(StoreConfig {
+        uri: dir.path().display().to_string(),
+        read_consistency_ms: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stored_hash = |doc_id: &'static str| {
+        let store = store.clone();
+        async move {
+            match store.existing_chunks(&info()).await.unwrap() {
+                Some(t) => t.content_hash(doc_id).await.unwrap(),
+                None => None,
+            }
+        }
+    };
+
+    let mut all = vec![
+        doc("geology.md", "Vorpalite", GEOLOGY),
+        doc("kettle.md", "Kettle care", KETTLE),
+    ];
+    all.extend(OTHERS.iter().map(|(id, title, text)| doc(id, title, text)));
+    for d in &all {
+        post(addr, d).await;
+    }
+    for d in &all {
+        let want = content_hash(d, &chunking);
+        let id: &'static str = Box::leak(d.doc_id.clone().into_boxed_str());
+        eventually(Duration::from_secs(120), &format!("{id} indexed"), || {
+            let want = want.clone();
+            let f = stored_hash(id);
+            async move { f.await.as_deref() == Some(want.as_str()) }
+        })
+        .await;
+    }
+
+    // Full-text path: the exact rare keyword finds its document first.
+    let hits = search(&h, "vorpalite", 5, SearchFilters::default()).await;
+    assert_eq!(hits[0].doc_id, "geology.md", "{hits:?}");
+    assert_eq!(hits[0].title.as_deref(), Some("Vorpalite"));
+    assert_eq!(hits[0].source, "handbook");
+    // Vector path: a paraphrase sharing no word with the document.
+    let hits = search(
+        &h,
+        "how do I get rid of mineral buildup in my water boiler?",
+        3,
+        SearchFilters::default(),
+    )
+    .await;
+    assert!(
+        hits.iter().any(|h| h.doc_id == "kettle.md"),
+        "kettle.md not in the top 3: {hits:?}"
+    );
+
+    // Filter values are data, never SQL.
+    for evil in [
+        "x' OR '1'='1",
+        "handbook' OR source != '",
+        "'; DROP TABLE chunks; --",
+        "\\' OR 1=1 --",
+    ] {
+        let hits = search(
+            &h,
+            "vorpalite",
+            5,
+            SearchFilters {
+                source: Some(evil.into()),
+                doc_id: None,
+            },
+        )
+        .await;
+        assert!(hits.is_empty(), "filter {evil:?} matched {hits:?}");
+        let hits = search(
+            &h,
+            "vorpalite",
+            5,
+            SearchFilters {
+                source: None,
+                doc_id: Some(evil.into()),
+            },
+        )
+        .await;
+        assert!(hits.is_empty(), "filter {evil:?} matched {hits:?}");
+    }
+    let hits = search(
+        &h,
+        "vorpalite",
+        5,
+        SearchFilters {
+            source: Some("handbook".into()),
+            doc_id: Some("geology.md".into()),
+        },
+    )
+    .await;
+    assert!(
+        !hits.is_empty() && hits.iter().all(|h| h.doc_id == "geology.md"),
+        "{hits:?}"
+    );
+
+    // Unchanged: nothing is embedded or written.
+    let table = store.chunks(&info()).await.unwrap();
+    let version = table.version().await.unwrap();
+    post(addr, &all[0]).await;
+    eventually(
+        Duration::from_secs(60),
+        "the unchanged document skipped",
+        || async {
+            fleet
+                .metrics()
+                .await
+                .contains("bruno_embedder_unchanged_total 1")
+        },
+    )
+    .await;
+    assert_eq!(
+        table.version().await.unwrap(),
+        version,
+        "an unchanged document changed the table"
+    );
+
+    // Changed: the new version replaces every old chunk.
+    let v2 = doc(
+        "geology.md",
+        "Basalt caves",
+        "# Basalt caves\n\nThe northern ridge has basalt caves with blue crystals.",
+    );
+    post(addr, &v2).await;
+    let want = content_hash(&v2, &chunking);
+    eventually(Duration::from_secs(60), "version 2 indexed", || {
+        let want = want.clone();
+        let f = stored_hash("geology.md");
+        async move { f.await.as_deref() == Some(want.as_str()) }
+    })
+    .await;
+    let table = store.chunks(&info()).await.unwrap();
+    assert_eq!(table.count(Some("geology.md")).await.unwrap(), 1);
+    let hits = search(
+        &h,
+        "vorpalite humid air sealed",
+        10,
+        SearchFilters::default(),
+    )
+    .await;
+    assert!(
+        hits.iter()
+            .all(|h| !h.text.to_lowercase().contains("vorpalite")),
+        "old text still searchable: {hits:?}"
+    );
+
+    fleet.stop().await;
+    h.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_documents_and_a_foreign_embedder_are_dead_lettered_and_the_pipeline_goes_on() {
+    let mut parts = bruno_runtime::fleet::parts();
+    parts.push(PartSpec::on_types("observer", &[MemoryWrite::TYPE]));
+    let h = Harness::new(parts).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = InProc::start(config(&h, dir.path()), &[Part::Embedder]).await;
+    let (recorder, mut writes) = Recorder::new();
+    let obs_stop = CancellationToken::new();
+    let observer = tokio::spawn(bruno_runtime::run_pull(
+        h.broker.clone(),
+        "observer",
+        8,
+        recorder,
+        obs_stop.clone(),
+    ));
+
+    // Each bad body rides on a valid event's headers.
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "empty",
+            br#"{"doc_id":"empty","source":"s","text":"   "}"#.to_vec(),
+        ),
+        (
+            "huge",
+            serde_json::to_vec(&doc("huge", "Huge", &"a".repeat(50 << 20))).unwrap(),
+        ),
+        (
+            "utf8",
+            b"{\"doc_id\":\"utf8\",\"source\":\"s\",\"text\":\"caf\xe9 \xff\xfe\"}".to_vec(),
+        ),
+        ("noid", br#"{"source":"s","text":"no id here"}"#.to_vec()),
+    ];
+    let mut ids = BTreeMap::new();
+    for (name, body) in &bad {
+        let template = new_event("tests", &doc(name, name, "placeholder"));
+        ids.insert(
+            bruno_events::AttributesReader::id(&template).to_owned(),
+            *name,
+        );
+        let (props, _) = codec::encode(&template).unwrap();
+        h.broker
+            .publish_raw(&h.topology.names.exchange(), "", props, body)
+            .await
+            .unwrap();
+    }
+    let good = new_event(
+        "tests",
+        &doc("good.md", "Good", "# Good\n\nA perfectly fine document."),
+    );
+    h.broker.publish(&good).await.unwrap();
+
+    let got = recv_n(&mut writes, 1, Duration::from_secs(60)).await;
+    let write: MemoryWrite = decode_data(&got[0]).unwrap();
+    assert_eq!(write.doc_id.as_deref(), Some("good.md"));
+    assert_eq!(write.embedder, info());
+    assert!(write.rows.iter().all(|r| r.vector.len() == 384));
+
+    let letters = dead_letters(&h, 4).await;
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    for l in &letters {
+        let name = ids[&l.id];
+        assert_eq!(l.code, "invalid_payload", "{name}: {l:?}");
+        assert_eq!(l.attempts, 1, "{name}: permanent errors are not retried");
+        let expect: &[&str] = match name {
+            "empty" => &["data.text"],
+            "huge" => &["exceeds the limit"],
+            "utf8" => &["utf-8", "unicode"],
+            _ => &["doc_id"],
+        };
+        let reason = l.reason.to_lowercase();
+        assert!(
+            expect.iter().any(|e| reason.contains(e)),
+            "{name}: {}",
+            l.reason
+        );
+    }
+    fleet.stop().await;
+
+    // A table filled by another embedder refuses this one, with a clear reason.
+    let other = tempfile::tempdir().unwrap();
+    let foreign = Store::open(StoreConfig {
+        uri: other.path().display().to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    foreign
+        .chunks(&EmbedderInfo {
+            model: "acme/other-model".into(),
+            dimension: 768,
+        })
+        .await
+        .unwrap();
+    dlq::purge(&h.broker, "embedder").await.unwrap();
+    let fleet = InProc::start(config(&h, other.path()), &[Part::Embedder]).await;
+    h.broker
+        .publish(&new_event("tests", &doc("x.md", "X", "# X\n\nSome text.")))
+        .await
+        .unwrap();
+    let letters = dead_letters(&h, 1).await;
+    assert!(
+        letters[0].reason.contains("acme/other-model/768")
+            && letters[0].reason.contains(&format!("{MODEL}/384")),
+        "{}",
+        letters[0].reason
+    );
+
+    fleet.stop().await;
+    obs_stop.cancel();
+    observer.await.unwrap();
+    h.cleanup().await;
+}

@@ -1,0 +1,447 @@
+//! The embedder: turns documents and conversation turns into rows with
+//! vectors for the writer.
+//!
+//! - `document.submitted`: the text is split into token-bounded chunks with
+//!   overlap (markdown-aware for `format = markdown`), embedded in batches,
+//!   and sent as `memory.write` to `chunks` with the document's full chunk-id
+//!   set, so the writer removes chunks of an older version. A document whose
+//!   content hash equals the stored one is skipped (nothing is embedded or
+//!   written). Chunk ids derive from (doc id, content hash, position): a
+//!   redelivered document produces the same ids and the same events.
+//! - `chat.completed`: the question and the answer become two rows of
+//!   `conversations` (ids from the turn's correlation id), for memory.
+//!
+//! The embedder only reads LanceDB (the content hash of a stored document);
+//! the writer is the only process that writes it (ADR 0007).
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bruno_embed::{AnyEmbedder, EmbedError, Embedder};
+use bruno_events::payload::{
+    ChatCompleted, DocFormat, DocumentSubmitted, MemoryRow, MemoryWrite, Table,
+};
+use bruno_events::{AttributesReader, Event, EventData, correlation_id, reply_event};
+use bruno_runtime::{Context, ErrorCode, FromEvent, Handler, HandlerError, Incoming, Raw};
+use bruno_store::{Chunks, Store, StoreError};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use text_splitter::{ChunkConfig, ChunkSizer, MarkdownSplitter, TextSplitter};
+use tokenizers::Tokenizer;
+use tokio::sync::Mutex;
+use tracing::{debug, info};
+use uuid::Uuid;
+
+/// `[chunking]` config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChunkingConfig {
+    /// Most tokens in one chunk (MiniLM reads at most 256 with its two
+    /// special tokens).
+    pub chunk_tokens: usize,
+    /// Tokens shared by neighbouring chunks.
+    pub overlap_tokens: usize,
+    /// Chunks embedded in one call.
+    pub batch_size: usize,
+    /// Rows in one `memory.write` message (a long document becomes several).
+    pub rows_per_message: usize,
+    /// Largest document text accepted, in bytes; larger ones are dead-lettered.
+    pub max_document_bytes: usize,
+    /// Skip a document whose content hash equals the stored one.
+    pub skip_unchanged: bool,
+}
+
+impl Default for ChunkingConfig {
+    fn default() -> Self {
+        Self {
+            chunk_tokens: 240,
+            overlap_tokens: 32,
+            batch_size: 32,
+            rows_per_message: 64,
+            max_document_bytes: 8 << 20,
+            skip_unchanged: true,
+        }
+    }
+}
+
+/// Embedder metrics (`bruno_embedder_*`).
+#[derive(Clone, Debug, Default)]
+pub struct EmbedderMetrics {
+    documents: Counter,
+    unchanged: Counter,
+    chunks: Counter,
+    turns: Counter,
+}
+
+impl EmbedderMetrics {
+    /// Register in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "bruno_embedder_documents",
+            "Documents embedded",
+            self.documents.clone(),
+        );
+        registry.register(
+            "bruno_embedder_unchanged",
+            "Documents skipped: content hash unchanged",
+            self.unchanged.clone(),
+        );
+        registry.register(
+            "bruno_embedder_chunks",
+            "Chunks embedded",
+            self.chunks.clone(),
+        );
+        registry.register(
+            "bruno_embedder_turns",
+            "Conversation turns embedded",
+            self.turns.clone(),
+        );
+    }
+}
+
+/// Counts chunk sizes in the model's tokens (or ~4 characters per token for
+/// remote models whose tokenizer is not here).
+enum Sizer {
+    Tokens(Box<Tokenizer>),
+    Chars,
+}
+
+impl ChunkSizer for Sizer {
+    fn size(&self, chunk: &str) -> usize {
+        match self {
+            Sizer::Tokens(t) => t
+                .encode(chunk, false)
+                .map(|e| e.len())
+                .unwrap_or_else(|_| chunk.len().div_ceil(4)),
+            Sizer::Chars => chunk.chars().count().div_ceil(4),
+        }
+    }
+}
+
+enum Splitter {
+    Text(TextSplitter<Sizer>),
+    Markdown(MarkdownSplitter<Sizer>),
+}
+
+fn splitter(
+    config: &ChunkingConfig,
+    tokenizer: Option<&Tokenizer>,
+    format: DocFormat,
+) -> Result<Splitter, String> {
+    let sizer = match tokenizer {
+        Some(t) => {
+            // Count every token: no truncation, no padding.
+            let mut t = t.clone();
+            t.with_truncation(None).map_err(|e| e.to_string())?;
+            t.with_padding(None);
+            Sizer::Tokens(Box::new(t))
+        }
+        None => Sizer::Chars,
+    };
+    let chunk = ChunkConfig::new(config.chunk_tokens.max(8))
+        .with_overlap(config.overlap_tokens.min(config.chunk_tokens.max(8) / 2))
+        .map_err(|e| e.to_string())?
+        .with_sizer(sizer);
+    Ok(match format {
+        DocFormat::Text => Splitter::Text(TextSplitter::new(chunk)),
+        DocFormat::Markdown => Splitter::Markdown(MarkdownSplitter::new(chunk)),
+    })
+}
+
+/// Split `text` into chunks (trimmed, non-empty).
+pub fn split(
+    config: &ChunkingConfig,
+    tokenizer: Option<&Tokenizer>,
+    format: DocFormat,
+    text: &str,
+) -> Vec<String> {
+    let chunks: Vec<String> = match splitter(config, tokenizer, format) {
+        Ok(Splitter::Text(s)) => s.chunks(text).map(str::to_owned).collect(),
+        Ok(Splitter::Markdown(s)) => s.chunks(text).map(str::to_owned).collect(),
+        // Unreachable with sane config; fall back to one chunk rather than lose the text.
+        Err(_) => vec![text.to_owned()],
+    };
+    chunks
+        .into_iter()
+        .filter(|c| !c.trim().is_empty())
+        .collect()
+}
+
+/// The content hash of a document version: what a chunk row is made of,
+/// plus how it was chunked.
+pub fn content_hash(doc: &DocumentSubmitted, config: &ChunkingConfig) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        doc.source.as_str(),
+        doc.title.as_deref().unwrap_or(""),
+        match doc.format {
+            DocFormat::Text => "text",
+            DocFormat::Markdown => "markdown",
+        },
+        &config.chunk_tokens.to_string(),
+        &config.overlap_tokens.to_string(),
+        doc.text.as_str(),
+    ] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b1f_29d0_8a4e_4c52_9d8e_51a1_b7c3_e0f4);
+
+/// The id of chunk `index` of a document version.
+pub fn chunk_id(doc_id: &str, hash: &str, index: usize) -> String {
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("chunk\0{doc_id}\0{hash}\0{index}").as_bytes(),
+    )
+    .to_string()
+}
+
+fn turn_id(correlation: &str, role: &str) -> String {
+    Uuid::new_v5(
+        &ID_NAMESPACE,
+        format!("turn\0{correlation}\0{role}").as_bytes(),
+    )
+    .to_string()
+}
+
+fn embed_error(e: EmbedError) -> HandlerError {
+    if e.is_retryable() {
+        HandlerError::dependency(e.to_string())
+    } else {
+        HandlerError::internal(e.to_string())
+    }
+}
+
+fn store_error(e: StoreError) -> HandlerError {
+    match e {
+        StoreError::EmbedderMismatch { .. } => HandlerError::invalid_payload(e.to_string()),
+        other => HandlerError::dependency(other.to_string()),
+    }
+}
+
+/// The embedder's handler (`document.submitted` and `chat.completed`).
+pub struct EmbedderService {
+    embedder: Arc<AnyEmbedder>,
+    store: Option<Store>,
+    chunks: Mutex<Option<Chunks>>,
+    config: ChunkingConfig,
+    metrics: EmbedderMetrics,
+}
+
+impl EmbedderService {
+    /// An embedder over `embedder`; `store` (read-only use) enables the
+    /// unchanged-document check.
+    pub fn new(
+        embedder: Arc<AnyEmbedder>,
+        store: Option<Store>,
+        config: ChunkingConfig,
+        metrics: EmbedderMetrics,
+    ) -> Self {
+        Self {
+            embedder,
+            store,
+            chunks: Mutex::new(None),
+            config,
+            metrics,
+        }
+    }
+
+    /// The stored content hash of `doc_id`, if the table exists and holds it.
+    async fn stored_hash(&self, doc_id: &str) -> Result<Option<String>, HandlerError> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let mut cached = self.chunks.lock().await;
+        if cached.is_none() {
+            *cached = store
+                .existing_chunks(self.embedder.info())
+                .await
+                .map_err(store_error)?;
+        }
+        match cached.as_ref() {
+            Some(t) => t.content_hash(doc_id).await.map_err(store_error),
+            None => Ok(None),
+        }
+    }
+
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, HandlerError> {
+        let mut vectors = Vec::with_capacity(texts.len());
+        for batch in texts.chunks(self.config.batch_size.max(1)) {
+            vectors.extend(self.embedder.embed(batch).await.map_err(embed_error)?);
+        }
+        if vectors.len() != texts.len() {
+            return Err(HandlerError::internal(format!(
+                "{} vectors for {} texts",
+                vectors.len(),
+                texts.len()
+            )));
+        }
+        Ok(vectors)
+    }
+
+    async fn document(
+        &self,
+        event: &Event,
+        doc: DocumentSubmitted,
+        ctx: &Context,
+    ) -> Result<Vec<Event>, HandlerError> {
+        if doc.text.trim().is_empty() {
+            return Err(HandlerError::invalid_payload(
+                "data.text: must not be empty",
+            ));
+        }
+        if doc.text.len() > self.config.max_document_bytes {
+            return Err(HandlerError::invalid_payload(format!(
+                "data.text: {} bytes exceeds the limit of {} (chunking.max_document_bytes)",
+                doc.text.len(),
+                self.config.max_document_bytes
+            )));
+        }
+        let hash = content_hash(&doc, &self.config);
+        if self.config.skip_unchanged
+            && self.stored_hash(&doc.doc_id).await?.as_deref() == Some(hash.as_str())
+        {
+            self.metrics.unchanged.inc();
+            info!(doc_id = %doc.doc_id, "unchanged, skipped");
+            return Ok(Vec::new());
+        }
+        let config = self.config.clone();
+        let tokenizer = self.embedder.tokenizer().cloned();
+        let text = doc.text.clone();
+        let format = doc.format;
+        let texts =
+            tokio::task::spawn_blocking(move || split(&config, tokenizer.as_ref(), format, &text))
+                .await
+                .map_err(|e| HandlerError::internal(format!("splitter: {e}")))?;
+        let vectors = self.embed(&texts).await?;
+        let chunk_ids: Vec<String> = (0..texts.len())
+            .map(|i| chunk_id(&doc.doc_id, &hash, i))
+            .collect();
+        let rows: Vec<MemoryRow> = texts
+            .into_iter()
+            .zip(vectors)
+            .enumerate()
+            .map(|(i, (text, vector))| {
+                let mut metadata = BTreeMap::from([
+                    ("source".to_owned(), Value::from(doc.source.clone())),
+                    ("chunk_index".to_owned(), Value::from(i as u64)),
+                ]);
+                if let Some(title) = &doc.title {
+                    metadata.insert("title".into(), Value::from(title.clone()));
+                }
+                MemoryRow {
+                    id: chunk_ids[i].clone(),
+                    text,
+                    vector,
+                    metadata,
+                }
+            })
+            .collect();
+        self.metrics.documents.inc();
+        self.metrics.chunks.inc_by(rows.len() as u64);
+        debug!(doc_id = %doc.doc_id, chunks = rows.len(), "embedded");
+        let per = self.config.rows_per_message.max(1);
+        let mut parts: Vec<Vec<MemoryRow>> = rows.chunks(per).map(<[MemoryRow]>::to_vec).collect();
+        if parts.is_empty() {
+            parts.push(Vec::new());
+        }
+        Ok(parts
+            .into_iter()
+            .enumerate()
+            .map(|(n, rows)| {
+                let write = MemoryWrite {
+                    table: Table::Chunks,
+                    rows,
+                    embedder: self.embedder.info().clone(),
+                    doc_id: Some(doc.doc_id.clone()),
+                    chunk_ids: Some(chunk_ids.clone()),
+                    content_hash: Some(hash.clone()),
+                };
+                reply_event(event, &ctx.source, n as u32, &write)
+            })
+            .collect())
+    }
+
+    async fn turn(
+        &self,
+        event: &Event,
+        done: ChatCompleted,
+        ctx: &Context,
+    ) -> Result<Vec<Event>, HandlerError> {
+        let correlation = correlation_id(event)
+            .unwrap_or_else(|| event.id())
+            .to_owned();
+        let at = event
+            .time()
+            .copied()
+            .unwrap_or_else(chrono::Utc::now)
+            .to_rfc3339();
+        let texts = vec![done.question.clone(), done.answer.clone()];
+        let vectors = self.embed(&texts).await?;
+        let rows = texts
+            .into_iter()
+            .zip(vectors)
+            .zip(["user", "assistant"])
+            .map(|((text, vector), role)| MemoryRow {
+                id: turn_id(&correlation, role),
+                text,
+                vector,
+                metadata: BTreeMap::from([
+                    (
+                        "session_id".to_owned(),
+                        Value::from(done.session_id.clone()),
+                    ),
+                    ("role".to_owned(), Value::from(role)),
+                    (
+                        "correlation_id".to_owned(),
+                        Value::from(correlation.clone()),
+                    ),
+                    ("created_at".to_owned(), Value::from(at.clone())),
+                ]),
+            })
+            .collect();
+        self.metrics.turns.inc();
+        let write = MemoryWrite {
+            table: Table::Conversations,
+            rows,
+            embedder: self.embedder.info().clone(),
+            doc_id: None,
+            chunk_ids: None,
+            content_hash: None,
+        };
+        Ok(vec![reply_event(event, &ctx.source, 0, &write)])
+    }
+}
+
+impl Handler for EmbedderService {
+    type Input = Raw;
+
+    async fn handle(
+        &self,
+        input: Incoming<Raw>,
+        ctx: &Context,
+    ) -> Result<Vec<Event>, HandlerError> {
+        let event = &input.event;
+        match event.ty() {
+            DocumentSubmitted::TYPE => {
+                let doc = DocumentSubmitted::from_event(event)?;
+                self.document(event, doc, ctx).await
+            }
+            ChatCompleted::TYPE => {
+                let done = ChatCompleted::from_event(event)?;
+                self.turn(event, done, ctx).await
+            }
+            other => Err(HandlerError::new(
+                ErrorCode::UnknownType,
+                format!("the embedder does not handle {other}"),
+            )),
+        }
+    }
+}
