@@ -1,0 +1,388 @@
+//! Knowledge-pipeline benchmark: real RabbitMQ, LanceDB in a temp dir, MiniLM.
+//!
+//! Prints:
+//! 1. writer: rows per commit, commits/s and rows/s while `memory.write`
+//!    messages wait in its queue (goal ≥ 100 rows/commit);
+//! 2. hybrid search at `BENCH_ROWS` chunks (default 100,000; vector index
+//!    built as the writer's maintenance would): p50/p99 of the store query
+//!    in-process (the baseline), of embed + query in-process, and through
+//!    the broker and the retriever service (goal p50 ≤ 20 ms, p99 ≤ 50 ms,
+//!    service ≤ 1.2× in-process);
+//! 3. end to end: documents through the ingress, embedder and writer, in
+//!    indexed chunks/s, against the raw embedder on the same chunks
+//!    (goal ≥ 80 %).
+//!
+//! Run: `cargo bench -p bruno-system-tests --bench knowledge`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bruno_cli::{Config, Part, run_parts};
+use bruno_embed::{Embedder, EmbedderInfo, MiniLm, default_model_dir};
+use bruno_embedder::{ChunkingConfig, split};
+use bruno_events::payload::{
+    DocFormat, DocumentSubmitted, MemoryRow, MemoryWrite, SearchCompleted, SearchFilters,
+    SearchRequested, Table,
+};
+use bruno_events::{EventData, new_event};
+use bruno_store::{ChunkRow, DocumentWrite, Store, StoreConfig};
+use bruno_system_tests::Harness;
+use hdrhistogram::Histogram;
+use tokio_util::sync::CancellationToken;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const WORDS: &[&str] = &[
+    "backup",
+    "restore",
+    "queue",
+    "broker",
+    "router",
+    "lease",
+    "volume",
+    "snapshot",
+    "cluster",
+    "node",
+    "certificate",
+    "renewal",
+    "firewall",
+    "rule",
+    "disk",
+    "latency",
+    "replica",
+    "index",
+    "vector",
+    "memory",
+    "kettle",
+    "garden",
+    "invoice",
+    "tyre",
+    "puppy",
+    "tomato",
+    "ledger",
+];
+
+fn text(seed: usize, words: usize) -> String {
+    let mut k = seed.wrapping_mul(2654435761);
+    (0..words)
+        .map(|_| {
+            k = k
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            WORDS[(k >> 33) % WORDS.len()]
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn unit(seed: usize, dim: usize) -> Vec<f32> {
+    let mut k = seed as u64 + 1;
+    let mut v: Vec<f32> = (0..dim)
+        .map(|_| {
+            k = k
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((k >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect();
+    bruno_embed::normalize(&mut v);
+    v
+}
+
+fn info() -> EmbedderInfo {
+    EmbedderInfo {
+        model: "sentence-transformers/all-MiniLM-L6-v2".into(),
+        dimension: 384,
+    }
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn config(h: &Harness, dir: &std::path::Path) -> Config {
+    let mut c = Config {
+        broker: h.config.clone(),
+        store: StoreConfig {
+            uri: dir.display().to_string(),
+            ..StoreConfig::default()
+        },
+        ..Config::default()
+    };
+    c.ingress.listen = "127.0.0.1:0".parse().unwrap();
+    c.admin.listen = "127.0.0.1:0".parse().unwrap();
+    c
+}
+
+async fn start(config: Config, parts: &[Part]) -> (CancellationToken, bruno_cli::Bound) {
+    let shutdown = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let parts = parts.to_vec();
+    let stop = shutdown.clone();
+    tokio::spawn(async move { run_parts(config, &parts, stop, Some(tx)).await.unwrap() });
+    (shutdown, rx.await.unwrap())
+}
+
+async fn metric(admin: std::net::SocketAddr, name: &str) -> f64 {
+    let body = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+async fn writer_bench(h: &Harness) {
+    let docs = env_or("BENCH_WRITER_DOCS", 2000);
+    let dir = tempfile::tempdir().unwrap();
+    let events: Vec<_> = (0..docs)
+        .map(|d| {
+            let doc_id = format!("doc-{d}");
+            let ids: Vec<String> = (0..2).map(|i| format!("{doc_id}:{i}")).collect();
+            let rows = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| MemoryRow {
+                    id: id.clone(),
+                    text: text(d * 2 + i, 150),
+                    vector: unit(d * 2 + i, 384),
+                    metadata: BTreeMap::from([
+                        ("source".to_owned(), serde_json::json!("bench")),
+                        ("chunk_index".to_owned(), serde_json::json!(i)),
+                    ]),
+                })
+                .collect();
+            new_event(
+                "bench",
+                &MemoryWrite {
+                    table: Table::Chunks,
+                    rows,
+                    embedder: info(),
+                    doc_id: Some(doc_id),
+                    chunk_ids: Some(ids),
+                    content_hash: Some("h".into()),
+                },
+            )
+        })
+        .collect();
+    for batch in events.chunks(500) {
+        h.broker.publish_all(batch).await.unwrap();
+    }
+    let started = Instant::now();
+    let (stop, bound) = start(config(h, dir.path()), &[Part::Writer]).await;
+    let store = Store::open(StoreConfig {
+        uri: dir.path().display().to_string(),
+        read_consistency_ms: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    loop {
+        if let Some(t) = store.existing_chunks(&info()).await.unwrap()
+            && t.count(None).await.unwrap() >= docs * 2
+            && h.depth(&h.queue("writer")).await == 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let commits = metric(bound.admin, "bruno_writer_commits_total ").await;
+    let rows = (docs * 2) as f64;
+    println!(
+        "writer: {docs} messages, {rows:.0} rows in {commits:.0} commits: {:.0} rows/commit, {:.1} commits/s, {:.0} rows/s — goal >= 100 rows/commit",
+        rows / commits,
+        commits / secs,
+        rows / secs
+    );
+    stop.cancel();
+}
+
+async fn search_bench(h: &Harness, model: &MiniLm) {
+    let n = env_or("BENCH_ROWS", 100_000);
+    let queries = env_or("BENCH_QUERIES", 200);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig {
+        uri: dir.path().display().to_string(),
+        read_consistency_ms: 0,
+        vector_index_min_rows: 50_000,
+    })
+    .await
+    .unwrap();
+    let table = store.chunks(&info()).await.unwrap();
+    let filled = Instant::now();
+    for start in (0..n).step_by(5000) {
+        let docs: Vec<DocumentWrite> = (start..(start + 5000).min(n))
+            .map(|i| {
+                let doc_id = format!("doc-{i}");
+                DocumentWrite {
+                    chunk_ids: vec![format!("c-{i}")],
+                    rows: vec![ChunkRow {
+                        id: format!("c-{i}"),
+                        doc_id: doc_id.clone(),
+                        source: "bench".into(),
+                        title: None,
+                        text: text(i, 60),
+                        content_hash: "h".into(),
+                        chunk_index: 0,
+                        vector: unit(i, 384),
+                    }],
+                    doc_id,
+                }
+            })
+            .collect();
+        table.write(&docs).await.unwrap();
+    }
+    table.maintain(chrono::Duration::hours(1)).await.unwrap();
+    println!(
+        "search: {n} chunks written and indexed in {:.1} s",
+        filled.elapsed().as_secs_f64()
+    );
+
+    let texts: Vec<String> = (0..queries).map(|i| text(1_000_000 + i, 6)).collect();
+    let vectors = model.embed(&texts).await.unwrap();
+    let filters = bruno_store::SearchFilters::default();
+    let mut store_only = Histogram::<u64>::new(3).unwrap();
+    let mut with_embed = Histogram::<u64>::new(3).unwrap();
+    let mut service = Histogram::<u64>::new(3).unwrap();
+    for (t, v) in texts.iter().zip(&vectors).take(10) {
+        table.search(v, t, 5, &filters).await.unwrap(); // warm-up
+    }
+    for (t, v) in texts.iter().zip(&vectors) {
+        let s = Instant::now();
+        table.search(v, t, 5, &filters).await.unwrap();
+        store_only.record(s.elapsed().as_micros() as u64).unwrap();
+        let s = Instant::now();
+        let v = model.embed(std::slice::from_ref(t)).await.unwrap();
+        table.search(&v[0], t, 5, &filters).await.unwrap();
+        with_embed.record(s.elapsed().as_micros() as u64).unwrap();
+    }
+    let (stop, _) = start(config(h, dir.path()), &[Part::Retriever]).await;
+    let ask = |t: &String| {
+        let request = new_event(
+            "bench",
+            &SearchRequested {
+                query: t.clone(),
+                k: 5,
+                filters: SearchFilters::default(),
+            },
+        );
+        bruno_broker::reply::request(
+            &h.broker,
+            request,
+            &[SearchCompleted::TYPE],
+            Duration::from_secs(30),
+        )
+    };
+    for t in texts.iter().take(10) {
+        ask(t).await.unwrap(); // warm-up
+    }
+    for t in &texts {
+        let s = Instant::now();
+        ask(t).await.unwrap();
+        service.record(s.elapsed().as_micros() as u64).unwrap();
+    }
+    stop.cancel();
+    println!(
+        "search at {n} chunks, k=5, {queries} queries:\n  in-process LanceDB hybrid query (baseline): p50 {:.2} ms  p99 {:.2} ms\n  in-process embed + query:                   p50 {:.2} ms  p99 {:.2} ms\n  through broker + retriever (request/reply): p50 {:.2} ms  p99 {:.2} ms  ({:.2}x embed+query p50) — goal p50 <= 20, p99 <= 50, <= 1.2x",
+        ms(&store_only, 0.5),
+        ms(&store_only, 0.99),
+        ms(&with_embed, 0.5),
+        ms(&with_embed, 0.99),
+        ms(&service, 0.5),
+        ms(&service, 0.99),
+        ms(&service, 0.5) / ms(&with_embed, 0.5)
+    );
+}
+
+async fn end_to_end(h: &Harness, model: &MiniLm) {
+    let docs = env_or("BENCH_DOCS", 100);
+    let chunking = ChunkingConfig::default();
+    let documents: Vec<DocumentSubmitted> = (0..docs)
+        .map(|i| DocumentSubmitted {
+            doc_id: format!("e2e-{i}"),
+            source: "bench".into(),
+            title: None,
+            text: format!("# Doc {i}\n\n{}", text(i, 380)),
+            format: DocFormat::Markdown,
+            metadata: BTreeMap::new(),
+        })
+        .collect();
+    let chunks: Vec<String> = documents
+        .iter()
+        .flat_map(|d| split(&chunking, Some(model.tokenizer()), d.format, &d.text))
+        .collect();
+    let started = Instant::now();
+    for batch in chunks.chunks(chunking.batch_size) {
+        model.embed(batch).await.unwrap();
+    }
+    let raw = chunks.len() as f64 / started.elapsed().as_secs_f64();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (stop, bound) = start(config(h, dir.path()), &Part::ALL).await;
+    let ingress = bound.ingress.unwrap();
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    for d in &documents {
+        let r = client
+            .post(format!("http://{ingress}/"))
+            .header("ce-specversion", "1.0")
+            .header("ce-id", uuid::Uuid::new_v4().to_string())
+            .header("ce-type", DocumentSubmitted::TYPE)
+            .header("ce-source", "bench")
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(d).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let store = Store::open(StoreConfig {
+        uri: dir.path().display().to_string(),
+        read_consistency_ms: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    loop {
+        if let Some(t) = store.existing_chunks(&info()).await.unwrap()
+            && t.count(None).await.unwrap() >= chunks.len()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fleet = chunks.len() as f64 / started.elapsed().as_secs_f64();
+    stop.cancel();
+    println!(
+        "end to end: {docs} documents, {} chunks: fleet {fleet:.2} chunks/s vs raw embedder {raw:.2} chunks/s = {:.0} % — goal >= 80 %",
+        chunks.len(),
+        100.0 * fleet / raw
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let model = MiniLm::load(&default_model_dir()).expect("model (scripts/fetch-model.sh)");
+    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    writer_bench(&h).await;
+    let h2 = Harness::new(bruno_runtime::fleet::parts()).await;
+    search_bench(&h2, &model).await;
+    let h3 = Harness::new(bruno_runtime::fleet::parts()).await;
+    end_to_end(&h3, &model).await;
+    h.cleanup().await;
+    h2.cleanup().await;
+    h3.cleanup().await;
+}
