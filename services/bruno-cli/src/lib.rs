@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use bruno_broker::{Broker, BrokerConfig, BrokerMetrics, Topology};
 use bruno_embed::{AnyEmbedder, EmbedderConfig};
 use bruno_embedder::{ChunkingConfig, EmbedderMetrics, EmbedderService};
+use bruno_generator::{Generator, GeneratorConfig, GeneratorMetrics};
 use bruno_ingress::{Ingress, IngressConfig, IngressMetrics};
 use bruno_retriever::{Retriever, RetrieverConfig, RetrieverMetrics};
 use bruno_runtime::admin::{self, Readiness, serve};
@@ -42,6 +43,8 @@ pub struct Config {
     pub writer: WriterConfig,
     /// The retriever.
     pub retriever: RetrieverConfig,
+    /// The generator (the LLM, the prompt, the circuit breaker).
+    pub generator: GeneratorConfig,
     /// Messages each consumer works on at once.
     pub consumers: ConsumersConfig,
     /// Logging.
@@ -56,6 +59,8 @@ pub struct ConsumersConfig {
     pub embedder: u16,
     /// Searches at once.
     pub retriever: u16,
+    /// Chat turns generated at once.
+    pub generator: u16,
 }
 
 impl Default for ConsumersConfig {
@@ -63,6 +68,7 @@ impl Default for ConsumersConfig {
         Self {
             embedder: 2,
             retriever: 16,
+            generator: 16,
         }
     }
 }
@@ -78,11 +84,19 @@ pub enum Part {
     Writer,
     /// search.requested / chat.requested → replies.
     Retriever,
+    /// chat.contextualized → the LLM → chat.delta, chat.completed.
+    Generator,
 }
 
 impl Part {
     /// Every part `bruno dev` runs.
-    pub const ALL: [Part; 4] = [Part::Ingress, Part::Embedder, Part::Writer, Part::Retriever];
+    pub const ALL: [Part; 5] = [
+        Part::Ingress,
+        Part::Embedder,
+        Part::Writer,
+        Part::Retriever,
+        Part::Generator,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -90,6 +104,7 @@ impl Part {
             Part::Embedder => "embedder",
             Part::Writer => "writer",
             Part::Retriever => "retriever",
+            Part::Generator => "generator",
         }
     }
 }
@@ -260,6 +275,18 @@ pub async fn run_parts(
                     broker.clone(),
                     "retriever",
                     config.consumers.retriever,
+                    handler,
+                    consumers_stop.clone(),
+                ));
+            }
+            (Part::Generator, _, _) => {
+                let metrics = GeneratorMetrics::default();
+                metrics.register(&mut registry);
+                let handler = Arc::new(Generator::new(config.generator.clone(), metrics));
+                consumers.spawn(bruno_runtime::run_pull(
+                    broker.clone(),
+                    "generator",
+                    config.consumers.generator,
                     handler,
                     consumers_stop.clone(),
                 ));

@@ -41,6 +41,8 @@ enum Command {
     Writer,
     /// Run only the retriever (search.requested, chat.requested).
     Retriever,
+    /// Run only the generator (chat.contextualized → the LLM → chat.delta, chat.completed).
+    Generator,
     /// Send text and markdown files (or directories of them) to the ingress
     /// as document.submitted events.
     Ingest {
@@ -258,6 +260,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             run_parts(
                 config,
                 &[Part::Retriever],
+                bruno_runtime::shutdown::on_signals(),
+                None,
+            )
+            .await
+        }
+        Command::Generator => {
+            run_parts(
+                config,
+                &[Part::Generator],
                 bruno_runtime::shutdown::on_signals(),
                 None,
             )
