@@ -56,7 +56,7 @@ pub(crate) struct Session {
     pub(crate) connection: Connection,
     channels: Vec<Channel>,
     next: AtomicUsize,
-    broken: CancellationToken,
+    pub(crate) broken: CancellationToken,
 }
 
 impl Session {

@@ -111,3 +111,244 @@ pub async fn request(
     let _ = channel.close(200, "done".into()).await;
     result
 }
+
+/// What an [`Inbox`] registration receives.
+#[derive(Debug)]
+pub enum Reply {
+    /// An event for this correlation id.
+    Event(Box<Event>),
+    /// The broker connection was lost: replies in flight cannot arrive.
+    Lost,
+}
+
+type Waiters =
+    std::sync::Mutex<std::collections::HashMap<String, tokio::sync::mpsc::UnboundedSender<Reply>>>;
+
+struct InboxInner {
+    id: String,
+    waiters: Waiters,
+    ready: std::sync::atomic::AtomicBool,
+    late: std::sync::atomic::AtomicU64,
+}
+
+/// One process's reply queue: exclusive and auto-delete, bound on
+/// `{type, replyto = <inbox id>}` for each reply type, re-declared by itself
+/// after every reconnect. Replies are matched to waiters by `correlationid`;
+/// one nobody waits for (late, or unknown) is dropped and counted. When the
+/// connection drops, every waiter gets [`Reply::Lost`] at once.
+#[derive(Clone)]
+pub struct Inbox {
+    inner: std::sync::Arc<InboxInner>,
+}
+
+/// A waiter for one correlation id; unregisters when dropped.
+pub struct Registration {
+    inbox: Inbox,
+    correlation: String,
+    /// Replies in arrival order.
+    pub replies: tokio::sync::mpsc::UnboundedReceiver<Reply>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.inbox.inner.waiters.lock() {
+            w.remove(&self.correlation);
+        }
+    }
+}
+
+impl Inbox {
+    /// Start consuming replies of `reply_types` for a new inbox id until `shutdown`.
+    pub fn start(
+        broker: Broker,
+        reply_types: Vec<String>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let inner = std::sync::Arc::new(InboxInner {
+            id: format!("inbox-{}", uuid::Uuid::new_v4()),
+            waiters: Waiters::default(),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            late: std::sync::atomic::AtomicU64::new(0),
+        });
+        let inbox = Self { inner };
+        tokio::spawn(inbox.clone().run(broker, reply_types, shutdown));
+        inbox
+    }
+
+    /// The id requests carry as `replyto`.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// True while the reply queue is declared, bound and consumed.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Replies dropped because nobody waited for them.
+    pub fn late_replies(&self) -> u64 {
+        self.inner.late.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Wait for replies to `correlation` (register before publishing).
+    pub fn register(&self, correlation: &str) -> Registration {
+        let (tx, replies) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut w) = self.inner.waiters.lock() {
+            w.insert(correlation.to_owned(), tx);
+        }
+        Registration {
+            inbox: self.clone(),
+            correlation: correlation.to_owned(),
+            replies,
+        }
+    }
+
+    /// Set `replyto` and `correlationid` on a request.
+    pub fn address(&self, request: &mut Event, correlation: &str) {
+        request.set_extension(ext::REPLY_TO, ExtensionValue::String(self.inner.id.clone()));
+        request.set_extension(
+            ext::CORRELATION_ID,
+            ExtensionValue::String(correlation.to_owned()),
+        );
+    }
+
+    fn lose_all(&self) {
+        self.inner
+            .ready
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(w) = self.inner.waiters.lock() {
+            for tx in w.values() {
+                let _ = tx.send(Reply::Lost);
+            }
+        }
+    }
+
+    fn deliver(&self, event: Event) {
+        let Some(correlation) = bruno_events::correlation_id(&event).map(str::to_owned) else {
+            self.inner
+                .late
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        };
+        let sent = match self.inner.waiters.lock() {
+            Ok(w) => w
+                .get(&correlation)
+                .map(|tx| tx.send(Reply::Event(Box::new(event))).is_ok())
+                .unwrap_or(false),
+            Err(_) => false,
+        };
+        if !sent {
+            self.inner
+                .late
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(%correlation, "reply nobody waits for: dropped");
+        }
+    }
+
+    async fn run(
+        self,
+        broker: Broker,
+        reply_types: Vec<String>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let Some(session) = broker.session(&shutdown).await else {
+                return;
+            };
+            let setup = async {
+                let channel = session
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(broker_err)?;
+                let queue = channel
+                    .queue_declare(
+                        ShortString::from(""),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(broker_err)?;
+                let exchange =
+                    ShortString::try_new(broker.topology().names.exchange()).map_err(broker_err)?;
+                for ty in &reply_types {
+                    let mut args = FieldTable::default();
+                    args.insert(
+                        "x-match".into(),
+                        AMQPValue::LongString(LongString::from("all")),
+                    );
+                    args.insert(
+                        "type".into(),
+                        AMQPValue::LongString(LongString::from(ty.as_str())),
+                    );
+                    args.insert(
+                        ext::REPLY_TO.into(),
+                        AMQPValue::LongString(LongString::from(self.inner.id.as_str())),
+                    );
+                    channel
+                        .queue_bind(
+                            queue.name().clone(),
+                            exchange.clone(),
+                            "".into(),
+                            QueueBindOptions::default(),
+                            args,
+                        )
+                        .await
+                        .map_err(broker_err)?;
+                }
+                let consumer = channel
+                    .basic_consume(
+                        queue.name().clone(),
+                        "".into(),
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            exclusive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(broker_err)?;
+                Ok::<_, RequestError>((channel, consumer))
+            };
+            let (channel, mut consumer) = match setup.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot set up the reply queue");
+                    broker.mark_broken(&session);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            self.inner
+                .ready
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::info!(inbox = %self.inner.id, "reply queue ready");
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let _ = channel.close(200, "shutdown".into()).await;
+                        self.lose_all();
+                        return;
+                    }
+                    _ = session.broken.cancelled() => break,
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => {
+                            if let Ok(event) = codec::decode(&delivery.properties, &delivery.data) {
+                                self.deliver(event);
+                            }
+                        }
+                        Some(Err(_)) | None => break,
+                    }
+                }
+            }
+            tracing::warn!(inbox = %self.inner.id, "reply queue lost; failing in-flight requests");
+            self.lose_all();
+            broker.mark_broken(&session);
+        }
+    }
+}

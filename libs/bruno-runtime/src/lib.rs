@@ -14,6 +14,7 @@ pub mod config;
 pub mod fleet;
 mod handler;
 pub mod http_events;
+pub mod keys;
 pub mod problem;
 mod push;
 pub mod shutdown;

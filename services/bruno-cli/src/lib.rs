@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use bruno_broker::{Broker, BrokerConfig, BrokerMetrics, Topology};
 use bruno_embed::{AnyEmbedder, EmbedderConfig};
 use bruno_embedder::{ChunkingConfig, EmbedderMetrics, EmbedderService};
+use bruno_gateway::{Gateway, GatewayConfig, GatewayMetrics};
 use bruno_generator::{Generator, GeneratorConfig, GeneratorMetrics};
 use bruno_ingress::{Ingress, IngressConfig, IngressMetrics};
 use bruno_retriever::{Retriever, RetrieverConfig, RetrieverMetrics};
@@ -33,6 +34,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The HTTP ingress.
     pub ingress: IngressConfig,
+    /// The chat gateway.
+    pub gateway: GatewayConfig,
     /// LanceDB.
     pub store: StoreConfig,
     /// The embedding model (used by the embedder and the retriever).
@@ -86,6 +89,8 @@ pub enum Part {
     Retriever,
     /// chat.contextualized → the LLM → chat.delta, chat.completed.
     Generator,
+    /// The chat gateway (HTTP, awaits correlated replies).
+    Gateway,
 }
 
 impl Part {
@@ -105,6 +110,7 @@ impl Part {
             Part::Writer => "writer",
             Part::Retriever => "retriever",
             Part::Generator => "generator",
+            Part::Gateway => "gateway",
         }
     }
 }
@@ -162,6 +168,8 @@ pub fn start_broker(
 pub struct Bound {
     /// The ingress, when it runs here.
     pub ingress: Option<SocketAddr>,
+    /// The gateway, when it runs here.
+    pub gateway: Option<SocketAddr>,
     /// The admin server.
     pub admin: SocketAddr,
 }
@@ -307,15 +315,43 @@ pub async fn run_parts(
         ingress_addr = Some(addr);
         ingress_task = Some(task);
     }
+    let mut gateway_addr = None;
+    let mut gateway_task = None;
+    let gateway_stop = CancellationToken::new();
+    let mut readiness = readiness;
+    if parts.contains(&Part::Gateway) {
+        let metrics = GatewayMetrics::default();
+        metrics.register(&mut registry);
+        let gateway = Arc::new(Gateway::new(
+            config.gateway.clone(),
+            broker.clone(),
+            metrics,
+            gateway_stop.clone(),
+        )?);
+        readiness = readiness.check("reply-queue", {
+            let gateway = gateway.clone();
+            move || gateway.is_ready()
+        });
+        let (addr, task) = serve(
+            config.gateway.listen,
+            bruno_gateway::router(gateway),
+            shutdown.clone(),
+        )
+        .await
+        .with_context(|| format!("binding gateway.listen {}", config.gateway.listen))?;
+        gateway_addr = Some(addr);
+        gateway_task = Some(task);
+    }
     let admin_router = admin::router(Arc::new(Mutex::new(registry)), readiness);
     let (admin_addr, admin_task) = serve(config.admin.listen, admin_router, shutdown.clone())
         .await
         .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
     let names: Vec<&str> = parts.iter().map(|p| p.name()).collect();
-    info!(parts = ?names, ingress = ?ingress_addr, %admin_addr, "running");
+    info!(parts = ?names, ingress = ?ingress_addr, gateway = ?gateway_addr, %admin_addr, "running");
     if let Some(tx) = ready {
         let _ = tx.send(Bound {
             ingress: ingress_addr,
+            gateway: gateway_addr,
             admin: admin_addr,
         });
     }
@@ -324,6 +360,10 @@ pub async fn run_parts(
     if let Some(task) = ingress_task {
         task.await??;
     }
+    if let Some(task) = gateway_task {
+        task.await??;
+    }
+    gateway_stop.cancel();
     // In-flight messages finish (the writer's wait for their commit) before
     // the consumers return.
     consumers_stop.cancel();

@@ -43,6 +43,8 @@ enum Command {
     Retriever,
     /// Run only the generator (chat.contextualized → the LLM → chat.delta, chat.completed).
     Generator,
+    /// Run only the chat gateway (HTTP chat, search and OpenAI-compatible APIs).
+    Gateway,
     /// Send text and markdown files (or directories of them) to the ingress
     /// as document.submitted events.
     Ingest {
@@ -269,6 +271,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             run_parts(
                 config,
                 &[Part::Generator],
+                bruno_runtime::shutdown::on_signals(),
+                None,
+            )
+            .await
+        }
+        Command::Gateway => {
+            run_parts(
+                config,
+                &[Part::Gateway],
                 bruno_runtime::shutdown::on_signals(),
                 None,
             )
