@@ -119,6 +119,7 @@ fn config(h: &Harness, dir: &std::path::Path) -> Config {
         ..Config::default()
     };
     c.ingress.listen = "127.0.0.1:0".parse().unwrap();
+    c.gateway.listen = "127.0.0.1:0".parse().unwrap();
     c.admin.listen = "127.0.0.1:0".parse().unwrap();
     c
 }
@@ -223,22 +224,27 @@ async fn search_bench(h: &Harness, model: &MiniLm) {
     .unwrap();
     let table = store.chunks(&info()).await.unwrap();
     let filled = Instant::now();
+    // Filled in commits of 5,000 rows, 50 chunks per document.
     for start in (0..n).step_by(5000) {
         let docs: Vec<DocumentWrite> = (start..(start + 5000).min(n))
-            .map(|i| {
-                let doc_id = format!("doc-{i}");
-                DocumentWrite {
-                    chunk_ids: vec![format!("c-{i}")],
-                    rows: vec![ChunkRow {
+            .step_by(50)
+            .map(|first| {
+                let doc_id = format!("doc-{}", first / 50);
+                let rows: Vec<ChunkRow> = (first..(first + 50).min(n))
+                    .map(|i| ChunkRow {
                         id: format!("c-{i}"),
                         doc_id: doc_id.clone(),
                         source: "bench".into(),
                         title: None,
                         text: text(i, 60),
                         content_hash: "h".into(),
-                        chunk_index: 0,
+                        chunk_index: (i - first) as u32,
                         vector: unit(i, 384),
-                    }],
+                    })
+                    .collect();
+                DocumentWrite {
+                    chunk_ids: rows.iter().map(|r| r.id.clone()).collect(),
+                    rows,
                     doc_id,
                 }
             })

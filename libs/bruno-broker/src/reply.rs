@@ -27,88 +27,47 @@ fn broker_err(e: impl std::fmt::Display) -> RequestError {
 }
 
 /// Publish `request` and return the first event of one of `reply_types`
-/// that answers it (same `correlationid`), or time out.
+/// that answers it (same `correlationid`), or time out. A one-off
+/// [`Inbox`] lives for the call.
 pub async fn request(
     broker: &Broker,
     mut request: Event,
     reply_types: &[&str],
     timeout: Duration,
 ) -> Result<Event, RequestError> {
-    let inbox = format!("cli-{}", uuid::Uuid::new_v4());
-    let correlation = uuid::Uuid::new_v4().to_string();
-    request.set_extension(ext::REPLY_TO, ExtensionValue::String(inbox.clone()));
-    request.set_extension(
-        ext::CORRELATION_ID,
-        ExtensionValue::String(correlation.clone()),
+    let stop = tokio_util::sync::CancellationToken::new();
+    let inbox = Inbox::start(
+        broker.clone(),
+        reply_types.iter().map(|t| (*t).to_owned()).collect(),
+        stop.clone(),
     );
-    let channel = broker.open_channel().await.map_err(broker_err)?;
-    let work = async {
-        let queue = channel
-            .queue_declare(
-                ShortString::from(""),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(broker_err)?;
-        let exchange =
-            ShortString::try_new(broker.topology().names.exchange()).map_err(broker_err)?;
-        for ty in reply_types {
-            let mut args = FieldTable::default();
-            args.insert(
-                "x-match".into(),
-                AMQPValue::LongString(LongString::from("all")),
-            );
-            args.insert("type".into(), AMQPValue::LongString(LongString::from(*ty)));
-            args.insert(
-                ext::REPLY_TO.into(),
-                AMQPValue::LongString(LongString::from(inbox.as_str())),
-            );
-            channel
-                .queue_bind(
-                    queue.name().clone(),
-                    exchange.clone(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    args,
-                )
-                .await
-                .map_err(broker_err)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let correlation = uuid::Uuid::new_v4().to_string();
+    let result = async {
+        while !inbox.is_ready() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RequestError::Broker(
+                    "the reply queue was not ready in time".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(broker_err)?;
+        inbox.address(&mut request, &correlation);
+        let mut registration = inbox.register(&correlation);
         broker.publish(&request).await.map_err(broker_err)?;
-        while let Some(delivery) = consumer.next().await {
-            let delivery = delivery.map_err(broker_err)?;
-            let Ok(event) = codec::decode(&delivery.properties, &delivery.data) else {
-                continue;
-            };
-            if bruno_events::correlation_id(&event) == Some(correlation.as_str())
-                && reply_types.contains(&event.ty())
-            {
-                return Ok(event);
+        loop {
+            match tokio::time::timeout_at(deadline, registration.replies.recv()).await {
+                Err(_) => return Err(RequestError::Timeout(timeout, correlation.clone())),
+                Ok(None) | Ok(Some(Reply::Lost)) => {
+                    return Err(RequestError::Broker("connection lost".into()));
+                }
+                Ok(Some(Reply::Event(e))) if reply_types.contains(&e.ty()) => return Ok(*e),
+                Ok(Some(Reply::Event(_))) => continue,
             }
         }
-        Err(RequestError::Broker("reply consumer closed".into()))
-    };
-    let result = tokio::time::timeout(timeout, work)
-        .await
-        .unwrap_or_else(|_| Err(RequestError::Timeout(timeout, correlation.clone())));
-    let _ = channel.close(200, "done".into()).await;
+    }
+    .await;
+    stop.cancel();
     result
 }
 

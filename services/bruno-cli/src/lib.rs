@@ -95,12 +95,13 @@ pub enum Part {
 
 impl Part {
     /// Every part `bruno dev` runs.
-    pub const ALL: [Part; 5] = [
+    pub const ALL: [Part; 6] = [
         Part::Ingress,
         Part::Embedder,
         Part::Writer,
         Part::Retriever,
         Part::Generator,
+        Part::Gateway,
     ];
 
     fn name(self) -> &'static str {

@@ -36,6 +36,7 @@ fn config(h: &Harness, dir: &Path) -> Config {
         ..Config::default()
     };
     c.ingress.listen = "127.0.0.1:0".parse().unwrap();
+    c.gateway.listen = "127.0.0.1:0".parse().unwrap();
     c.admin.listen = "127.0.0.1:0".parse().unwrap();
     c.writer.batch_ms = 100;
     c

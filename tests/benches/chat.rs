@@ -1,0 +1,234 @@
+//! Chat pipeline overhead: gateway → retriever → generator → an LLM server
+//! that answers at once (Ollama NDJSON) → gateway, the whole fleet in one
+//! process (the embedder and writer also store every turn in memory).
+//!
+//! Prints, per concurrency (1 and 16 sessions): turn latency p50/p99 through
+//! `POST /v1/chat`, the LLM server's own time per request (the baseline that
+//! is subtracted), and the time to the first streamed delta through
+//! `POST /v1/chat/stream` against the LLM's own time to first token.
+//! Goals: overhead p50 ≤ 5 ms, p99 ≤ 15 ms; TTFT added ≤ 10 ms.
+//!
+//! Run: `cargo bench -p bruno-system-tests --bench chat` (BENCH_TURNS).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use bruno_cli::{Config, Part, run_parts};
+use bruno_embed::EmbedderInfo;
+use bruno_generator::LlmConfig;
+use bruno_store::{ChunkRow, DocumentWrite, Store, StoreConfig};
+use bruno_system_tests::Harness;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The LLM's own time per request, in µs.
+type Own = Arc<Mutex<Histogram<u64>>>;
+
+async fn ollama(State(own): State<Own>, _body: Body) -> axum::response::Response {
+    let started = Instant::now();
+    let mut lines: Vec<String> = ["The ", "answer ", "is ", "here ", "[1]."]
+        .iter()
+        .map(|w| json!({"model": "instant", "message": {"role": "assistant", "content": w}, "done": false}).to_string())
+        .collect();
+    lines.push(
+        json!({"model": "instant", "done": true, "prompt_eval_count": 50, "eval_count": 5})
+            .to_string(),
+    );
+    let body = lines.join("\n") + "\n";
+    own.lock()
+        .unwrap()
+        .record(started.elapsed().as_micros() as u64)
+        .unwrap();
+    axum::response::Response::builder()
+        .status(200)
+        .body(Body::from(body))
+        .unwrap()
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+async fn turns(gateway: SocketAddr, sessions: usize, total: usize) -> Histogram<u64> {
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+    let client = reqwest::Client::new();
+    let per = total / sessions;
+    let tasks = (0..sessions).map(|s| {
+        let (client, hist) = (client.clone(), hist.clone());
+        async move {
+            for t in 0..per {
+                let started = Instant::now();
+                let r = client
+                    .post(format!("http://{gateway}/v1/chat"))
+                    .json(&json!({"session_id": format!("bench-{s}"), "message": format!("how do I restore backup {t}?")}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap();
+                hist.lock().unwrap().record(started.elapsed().as_micros() as u64).unwrap();
+            }
+        }
+    });
+    futures_util::future::join_all(tasks).await;
+    Arc::try_unwrap(hist).unwrap().into_inner().unwrap()
+}
+
+async fn first_deltas(gateway: SocketAddr, n: usize) -> Histogram<u64> {
+    use futures_util::StreamExt;
+    let mut hist = Histogram::<u64>::new(3).unwrap();
+    let client = reqwest::Client::new();
+    for t in 0..n {
+        let started = Instant::now();
+        let r = client
+            .post(format!("http://{gateway}/v1/chat/stream"))
+            .json(
+                &json!({"session_id": "ttft", "message": format!("where are snapshots kept {t}?")}),
+            )
+            .send()
+            .await
+            .unwrap();
+        let mut body = r.bytes_stream();
+        let mut seen = String::new();
+        while let Some(chunk) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if seen.contains("event: delta") {
+                hist.record(started.elapsed().as_micros() as u64).unwrap();
+                break;
+            }
+        }
+        while body.next().await.is_some() {}
+    }
+    hist
+}
+
+#[tokio::main]
+async fn main() {
+    let total = env_or("BENCH_TURNS", 320);
+    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A knowledge base of 2,000 chunks for the retriever.
+    let store = Store::open(StoreConfig {
+        uri: dir.path().display().to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let table = store
+        .chunks(&EmbedderInfo {
+            model: "sentence-transformers/all-MiniLM-L6-v2".into(),
+            dimension: 384,
+        })
+        .await
+        .unwrap();
+    let docs: Vec<DocumentWrite> = (0..40)
+        .map(|d| {
+            let rows: Vec<ChunkRow> = (0..50)
+                .map(|i| {
+                    let mut v: Vec<f32> = (0..384)
+                        .map(|j| (((d * 50 + i) * 7 + j * 13) % 97) as f32 - 48.0)
+                        .collect();
+                    bruno_embed::normalize(&mut v);
+                    ChunkRow {
+                        id: format!("c-{d}-{i}"),
+                        doc_id: format!("doc-{d}"),
+                        source: "bench".into(),
+                        title: Some(format!("Doc {d}")),
+                        text: format!("backup restore snapshot volume {d} {i} lease router"),
+                        content_hash: "h".into(),
+                        chunk_index: i as u32,
+                        vector: v,
+                    }
+                })
+                .collect();
+            DocumentWrite {
+                doc_id: format!("doc-{d}"),
+                chunk_ids: rows.iter().map(|r| r.id.clone()).collect(),
+                rows,
+            }
+        })
+        .collect();
+    table.write(&docs).await.unwrap();
+
+    let own: Own = Arc::new(Mutex::new(Histogram::new(3).unwrap()));
+    let app = axum::Router::new()
+        .route("/api/chat", axum::routing::post(ollama))
+        .with_state(own.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let mut config = Config {
+        broker: h.config.clone(),
+        store: StoreConfig {
+            uri: dir.path().display().to_string(),
+            ..StoreConfig::default()
+        },
+        ..Config::default()
+    };
+    config.ingress.listen = "127.0.0.1:0".parse().unwrap();
+    config.gateway.listen = "127.0.0.1:0".parse().unwrap();
+    config.gateway.requests_per_minute = 0;
+    config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    config.generator.llm = LlmConfig::Ollama {
+        url,
+        model: "instant".into(),
+    };
+    let shutdown = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    const PARTS: [Part; 5] = [
+        Part::Embedder,
+        Part::Writer,
+        Part::Retriever,
+        Part::Generator,
+        Part::Gateway,
+    ];
+    tokio::spawn(run_parts(config, &PARTS, shutdown.clone(), Some(tx)));
+    let gateway = rx.await.unwrap().gateway.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    turns(gateway, 1, 20).await; // warm-up
+    *own.lock().unwrap() = Histogram::new(3).unwrap();
+
+    for sessions in [1usize, 16] {
+        let started = Instant::now();
+        let hist = turns(gateway, sessions, total).await;
+        let secs = started.elapsed().as_secs_f64();
+        let llm = std::mem::replace(&mut *own.lock().unwrap(), Histogram::new(3).unwrap());
+        println!(
+            "{sessions:>2} sessions, {total} turns ({:.0} turns/s): turn p50 {:.2} ms p99 {:.2} ms; LLM's own p50 {:.3} ms p99 {:.3} ms; overhead p50 {:.2} ms p99 {:.2} ms — goal p50 <= 5, p99 <= 15",
+            total as f64 / secs,
+            ms(&hist, 0.5),
+            ms(&hist, 0.99),
+            ms(&llm, 0.5),
+            ms(&llm, 0.99),
+            ms(&hist, 0.5) - ms(&llm, 0.5),
+            ms(&hist, 0.99) - ms(&llm, 0.99),
+        );
+    }
+    let ttft = first_deltas(gateway, 100).await;
+    let llm = own.lock().unwrap().clone();
+    println!(
+        "time to first delta via /v1/chat/stream: p50 {:.2} ms p99 {:.2} ms; the LLM's own first token p50 {:.3} ms; added p50 {:.2} ms — goal <= 10",
+        ms(&ttft, 0.5),
+        ms(&ttft, 0.99),
+        ms(&llm, 0.5),
+        ms(&ttft, 0.5) - ms(&llm, 0.5)
+    );
+    shutdown.cancel();
+    h.cleanup().await;
+}
