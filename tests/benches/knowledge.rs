@@ -326,9 +326,10 @@ async fn end_to_end(h: &Harness, model: &MiniLm) {
             metadata: BTreeMap::new(),
         })
         .collect();
+    let counter = bruno_embedder::counting_tokenizer(model.tokenizer()).unwrap();
     let chunks: Vec<String> = documents
         .iter()
-        .flat_map(|d| split(&chunking, Some(model.tokenizer()), d.format, &d.text))
+        .flat_map(|d| split(&chunking, Some(counter.clone()), d.format, &d.text))
         .collect();
     let started = Instant::now();
     for batch in chunks.chunks(chunking.batch_size) {

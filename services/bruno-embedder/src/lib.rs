@@ -106,7 +106,7 @@ impl EmbedderMetrics {
 /// Counts chunk sizes in the model's tokens (or ~4 characters per token for
 /// remote models whose tokenizer is not here).
 enum Sizer {
-    Tokens(Box<Tokenizer>),
+    Tokens(Arc<Tokenizer>),
     Chars,
 }
 
@@ -127,19 +127,22 @@ enum Splitter {
     Markdown(MarkdownSplitter<Sizer>),
 }
 
+/// A copy of the model's tokenizer that counts every token: no truncation,
+/// no padding (built once, at start-up).
+pub fn counting_tokenizer(tokenizer: &Tokenizer) -> Result<Arc<Tokenizer>, String> {
+    let mut t = tokenizer.clone();
+    t.with_truncation(None).map_err(|e| e.to_string())?;
+    t.with_padding(None);
+    Ok(Arc::new(t))
+}
+
 fn splitter(
     config: &ChunkingConfig,
-    tokenizer: Option<&Tokenizer>,
+    counter: Option<Arc<Tokenizer>>,
     format: DocFormat,
 ) -> Result<Splitter, String> {
-    let sizer = match tokenizer {
-        Some(t) => {
-            // Count every token: no truncation, no padding.
-            let mut t = t.clone();
-            t.with_truncation(None).map_err(|e| e.to_string())?;
-            t.with_padding(None);
-            Sizer::Tokens(Box::new(t))
-        }
+    let sizer = match counter {
+        Some(t) => Sizer::Tokens(t),
         None => Sizer::Chars,
     };
     let chunk = ChunkConfig::new(config.chunk_tokens.max(8))
@@ -152,14 +155,16 @@ fn splitter(
     })
 }
 
-/// Split `text` into chunks (trimmed, non-empty).
+/// Split `text` into chunks (trimmed, non-empty); `counter` (from
+/// [`counting_tokenizer`]) sizes them in model tokens, else ~4 characters
+/// per token.
 pub fn split(
     config: &ChunkingConfig,
-    tokenizer: Option<&Tokenizer>,
+    counter: Option<Arc<Tokenizer>>,
     format: DocFormat,
     text: &str,
 ) -> Vec<String> {
-    let chunks: Vec<String> = match splitter(config, tokenizer, format) {
+    let chunks: Vec<String> = match splitter(config, counter, format) {
         Ok(Splitter::Text(s)) => s.chunks(text).map(str::to_owned).collect(),
         Ok(Splitter::Markdown(s)) => s.chunks(text).map(str::to_owned).collect(),
         // Unreachable with sane config; fall back to one chunk rather than lose the text.
@@ -231,6 +236,7 @@ pub struct EmbedderService {
     embedder: Arc<AnyEmbedder>,
     store: Option<Store>,
     chunks: Mutex<Option<Chunks>>,
+    counter: Option<Arc<Tokenizer>>,
     config: ChunkingConfig,
     metrics: EmbedderMetrics,
 }
@@ -244,10 +250,14 @@ impl EmbedderService {
         config: ChunkingConfig,
         metrics: EmbedderMetrics,
     ) -> Self {
+        let counter = embedder
+            .tokenizer()
+            .and_then(|t| counting_tokenizer(t).ok());
         Self {
             embedder,
             store,
             chunks: Mutex::new(None),
+            counter,
             config,
             metrics,
         }
@@ -313,13 +323,12 @@ impl EmbedderService {
             return Ok(Vec::new());
         }
         let config = self.config.clone();
-        let tokenizer = self.embedder.tokenizer().cloned();
+        let counter = self.counter.clone();
         let text = doc.text.clone();
         let format = doc.format;
-        let texts =
-            tokio::task::spawn_blocking(move || split(&config, tokenizer.as_ref(), format, &text))
-                .await
-                .map_err(|e| HandlerError::internal(format!("splitter: {e}")))?;
+        let texts = tokio::task::spawn_blocking(move || split(&config, counter, format, &text))
+            .await
+            .map_err(|e| HandlerError::internal(format!("splitter: {e}")))?;
         let vectors = self.embed(&texts).await?;
         let chunk_ids: Vec<String> = (0..texts.len())
             .map(|i| chunk_id(&doc.doc_id, &hash, i))

@@ -26,8 +26,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tower_http::limit::RequestBodyLimitLayer;
 
 /// Ingress settings (`[ingress]` in the config file, `BRUNO_INGRESS__*`).
@@ -59,10 +57,8 @@ impl Default for IngressConfig {
     }
 }
 
-/// Hash an API key the way the ingress stores it.
-pub fn hash_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
+use bruno_runtime::keys::ApiKeys;
+pub use bruno_runtime::keys::{BadKeyHash, hash_key};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -116,16 +112,11 @@ impl IngressMetrics {
 /// Shared state of the ingress handlers.
 pub struct Ingress {
     broker: Broker,
-    keys: Vec<[u8; 32]>,
+    keys: ApiKeys,
     limits: Limits,
     retry_after: u32,
     metrics: IngressMetrics,
 }
-
-/// A configuration value the ingress cannot use.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid ingress.api_key_hashes[{0}]: expected 64 hex characters (SHA-256)")]
-pub struct BadKeyHash(usize);
 
 impl Ingress {
     /// Ingress state over a started broker.
@@ -134,17 +125,7 @@ impl Ingress {
         broker: Broker,
         metrics: IngressMetrics,
     ) -> Result<Self, BadKeyHash> {
-        let keys = config
-            .api_key_hashes
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                hex::decode(h.trim())
-                    .ok()
-                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                    .ok_or(BadKeyHash(i))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let keys = ApiKeys::from_hashes("ingress.api_key_hashes", &config.api_key_hashes)?;
         Ok(Self {
             broker,
             keys,
@@ -158,21 +139,7 @@ impl Ingress {
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        if self.keys.is_empty() {
-            return true;
-        }
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-        let Some(key) = presented else { return false };
-        let digest: [u8; 32] = Sha256::digest(key.trim().as_bytes()).into();
-        // Compare against every key so timing does not tell which one matched.
-        self.keys
-            .iter()
-            .fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&digest))
-            .into()
+        self.keys.check(headers).is_some()
     }
 }
 
