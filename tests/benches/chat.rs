@@ -117,6 +117,67 @@ async fn first_deltas(gateway: SocketAddr, n: usize) -> Histogram<u64> {
     hist
 }
 
+/// Where a turn's time goes: the retriever's stages timed alone (the fleet
+/// idle), on the same tables the turns used.
+async fn stages(embedder: &bruno_embed::EmbedderConfig, dir: &tempfile::TempDir) {
+    use bruno_embed::Embedder;
+    const N: usize = 100;
+    let model = bruno_embed::AnyEmbedder::from_config(embedder).unwrap();
+    let store = Store::open(StoreConfig {
+        uri: dir.path().display().to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let chunks = store.existing_chunks(model.info()).await.unwrap().unwrap();
+    let conversations = store
+        .existing_conversations(model.info())
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut embed, mut search, mut recent, mut related) = (
+        Histogram::<u64>::new(3).unwrap(),
+        Histogram::<u64>::new(3).unwrap(),
+        Histogram::<u64>::new(3).unwrap(),
+        Histogram::<u64>::new(3).unwrap(),
+    );
+    let filters = bruno_store::SearchFilters::default();
+    for t in 0..N {
+        let q = format!("how do I restore backup {t}?");
+        let started = Instant::now();
+        let v = model
+            .embed(std::slice::from_ref(&q))
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        embed.record(started.elapsed().as_micros() as u64).unwrap();
+        let started = Instant::now();
+        chunks.search(&v, &q, 4, &filters).await.unwrap();
+        search.record(started.elapsed().as_micros() as u64).unwrap();
+        let started = Instant::now();
+        conversations.recent("bench-0", 6).await.unwrap();
+        recent.record(started.elapsed().as_micros() as u64).unwrap();
+        let started = Instant::now();
+        conversations.related("bench-0", &v, 4).await.unwrap();
+        related
+            .record(started.elapsed().as_micros() as u64)
+            .unwrap();
+    }
+    let rows = conversations.count(None).await.unwrap();
+    println!(
+        "stages alone (p50/p99 ms): query embedding {:.2}/{:.2}; hybrid search over 2,000 chunks {:.2}/{:.2}; recent turns {:.2}/{:.2}; related turns {:.2}/{:.2} (conversations: {rows} rows)",
+        ms(&embed, 0.5),
+        ms(&embed, 0.99),
+        ms(&search, 0.5),
+        ms(&search, 0.99),
+        ms(&recent, 0.5),
+        ms(&recent, 0.99),
+        ms(&related, 0.5),
+        ms(&related, 0.99),
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let total = env_or("BENCH_TURNS", 320);
@@ -189,6 +250,7 @@ async fn main() {
         url,
         model: "instant".into(),
     };
+    let config_for_stages = config.embedder.clone();
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
     const PARTS: [Part; 5] = [
@@ -220,6 +282,7 @@ async fn main() {
             ms(&hist, 0.99) - ms(&llm, 0.99),
         );
     }
+    stages(&config_for_stages, &dir).await;
     let ttft = first_deltas(gateway, 100).await;
     let llm = own.lock().unwrap().clone();
     println!(

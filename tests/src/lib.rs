@@ -360,3 +360,148 @@ impl Attempts {
         self.0.lock().unwrap().get(key).copied().unwrap_or(0)
     }
 }
+
+/// A RabbitMQ node of the test's own (its own node name, ports and data
+/// directory), for tests that stop and restart the broker itself, which the
+/// shared one must not be. Needs `rabbitmq-server` and `rabbitmqctl` on the
+/// PATH (the machine that runs the shared broker has them); it is stopped
+/// when dropped.
+pub struct PrivateBroker {
+    node: String,
+    port: u16,
+    env: Vec<(&'static str, String)>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl PrivateBroker {
+    /// Start a node and wait until it accepts AMQP connections.
+    pub async fn start() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let node = format!("bruno-{}@localhost", &id[..12]);
+        let port = free_port();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        std::fs::write(dir.path().join("plugins"), "[].\n").unwrap();
+        std::fs::write(
+            dir.path().join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .unwrap();
+        // rabbitmq-server drops to the `rabbitmq` user, which must write here.
+        for p in walk(dir.path()) {
+            let mode = if p.is_dir() { 0o777 } else { 0o666 };
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let env = vec![
+            ("RABBITMQ_NODENAME", node.clone()),
+            ("RABBITMQ_NODE_PORT", port.to_string()),
+            ("RABBITMQ_DIST_PORT", free_port().to_string()),
+            ("RABBITMQ_MNESIA_BASE", path("mnesia")),
+            ("RABBITMQ_LOG_BASE", path("log")),
+            ("RABBITMQ_PID_FILE", path("pid")),
+            ("RABBITMQ_ENABLED_PLUGINS_FILE", path("plugins")),
+            ("RABBITMQ_CONFIG_FILE", path("rabbitmq.conf")),
+        ];
+        let broker = Self {
+            node,
+            port,
+            env,
+            _dir: dir,
+        };
+        broker.boot().await;
+        broker
+    }
+
+    /// Its AMQP URL (guest account).
+    pub fn url(&self) -> String {
+        amqp_url(&format!("127.0.0.1:{}", self.port))
+    }
+
+    async fn ctl(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .await
+            .expect("rabbitmqctl")
+    }
+
+    async fn boot(&self) {
+        let status = tokio::process::Command::new("rabbitmq-server")
+            .arg("-detached")
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .status()
+            .await
+            .expect("rabbitmq-server");
+        assert!(status.success(), "rabbitmq-server -detached: {status}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let out = self.ctl(&["await_startup", "--timeout", "10"]).await;
+            if out.status.success() && TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {} did not start: {}",
+                self.node,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Stop the node (every connection drops) and start it again on the
+    /// same data directory, as a broker pod restart does.
+    pub async fn restart(&self) {
+        self.stop().await;
+        self.boot().await;
+    }
+
+    /// Stop the node.
+    pub async fn stop(&self) {
+        let out = self.ctl(&["stop"]).await;
+        assert!(
+            out.status.success(),
+            "rabbitmqctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .arg("stop")
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output();
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -13,7 +13,7 @@ pub struct Problem {
     #[serde(rename = "type")]
     pub type_uri: String,
     /// Short summary of the problem type.
-    pub title: String,
+    pub title: &'static str,
     /// HTTP status.
     pub status: u16,
     /// What exactly went wrong.
@@ -21,6 +21,10 @@ pub struct Problem {
     /// The offending attribute or field, for validation problems.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// The correlation id of the request it answers, where there is one,
+    /// so the caller can find the turn in logs and traces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<Box<str>>,
     /// Seconds to wait before retrying (also sent as `Retry-After`).
     #[serde(skip)]
     pub retry_after: Option<u32>,
@@ -31,10 +35,11 @@ impl Problem {
     pub fn new(status: StatusCode, slug: &str, detail: impl Into<String>) -> Self {
         Self {
             type_uri: format!("https://bruno.dev/problems/{slug}"),
-            title: status.canonical_reason().unwrap_or("error").to_owned(),
+            title: status.canonical_reason().unwrap_or("error"),
             status: status.as_u16(),
             detail: detail.into(),
             field: None,
+            correlation_id: None,
             retry_after: None,
         }
     }
@@ -59,6 +64,12 @@ impl Problem {
             retry_after: Some(retry_after),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
         }
+    }
+
+    /// The same problem, naming the request's correlation id.
+    pub fn with_correlation(mut self, correlation_id: impl Into<String>) -> Self {
+        self.correlation_id = Some(correlation_id.into().into_boxed_str());
+        self
     }
 
     /// The HTTP status.

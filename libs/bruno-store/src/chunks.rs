@@ -421,9 +421,11 @@ impl Chunks {
         if let Some(p) = filters.predicate() {
             vector_query = vector_query.only_if(p);
         }
-        let vector_batches = Self::collect(vector_query).await?;
-        let mut text_batches = Vec::new();
-        if !query_text.trim().is_empty() {
+        // The two legs run concurrently: each is its own LanceDB scan.
+        let text_leg = async {
+            if query_text.trim().is_empty() {
+                return Ok(Vec::new());
+            }
             let mut text_query = self
                 .table
                 .query()
@@ -433,8 +435,10 @@ impl Chunks {
             if let Some(p) = filters.predicate() {
                 text_query = text_query.only_if(p);
             }
-            text_batches = Self::collect(text_query).await?;
-        }
+            Self::collect(text_query).await
+        };
+        let (vector_batches, text_batches) =
+            futures_util::try_join!(Self::collect(vector_query), text_leg)?;
 
         // Rows by id, and each leg's ranking.
         let mut rows: HashMap<String, (Hit, Vec<f32>)> = HashMap::new();

@@ -33,7 +33,8 @@ pub struct TurnRow {
     pub correlation_id: String,
     /// When it was said (µs since the epoch, UTC).
     pub at_micros: i64,
-    /// Unit-length embedding of the text.
+    /// Unit-length embedding of the text (empty from [`Conversations::recent`],
+    /// which does not read vectors).
     pub vector: Vec<f32>,
 }
 
@@ -84,13 +85,18 @@ fn turns(batches: &[RecordBatch]) -> Result<Vec<TurnRow>, StoreError> {
         let texts = column::<StringArray>(batch, "text")?;
         let correlations = column::<StringArray>(batch, "correlation_id")?;
         let created = column::<TimestampMicrosecondArray>(batch, "created_at")?;
-        let vectors = column::<FixedSizeListArray>(batch, "vector")?;
+        // Absent when the query did not select it (`recent` does not).
+        let vectors = batch
+            .column_by_name("vector")
+            .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>());
         for i in 0..batch.num_rows() {
-            let values = vectors.value(i);
-            let vector = values
-                .as_any()
-                .downcast_ref::<Float32Array>()
-                .map(|a| a.values().to_vec())
+            let vector = vectors
+                .and_then(|v| {
+                    v.value(i)
+                        .as_any()
+                        .downcast_ref::<Float32Array>()
+                        .map(|a| a.values().to_vec())
+                })
                 .unwrap_or_default();
             out.push(TurnRow {
                 id: ids.value(i).to_owned(),
@@ -202,7 +208,6 @@ impl Conversations {
                 "text",
                 "correlation_id",
                 "created_at",
-                "vector",
             ]))
             .execute()
             .await?

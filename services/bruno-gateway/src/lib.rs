@@ -231,20 +231,26 @@ impl Pending {
         loop {
             match tokio::time::timeout_at(self.deadline, self.registration.replies.recv()).await {
                 Err(_) => {
-                    return Next::Failed(Problem::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        format!("no answer in time; correlation id {}", self.correlation),
-                    ));
+                    return Next::Failed(
+                        Problem::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "timeout",
+                            format!("no answer in time; correlation id {}", self.correlation),
+                        )
+                        .with_correlation(&self.correlation),
+                    );
                 }
                 Ok(None) | Ok(Some(Reply::Lost)) => {
-                    return Next::Failed(Problem::unavailable(
-                        format!(
-                            "the broker connection was lost; correlation id {}",
-                            self.correlation
-                        ),
-                        1,
-                    ));
+                    return Next::Failed(
+                        Problem::unavailable(
+                            format!(
+                                "the broker connection was lost; correlation id {}",
+                                self.correlation
+                            ),
+                            1,
+                        )
+                        .with_correlation(&self.correlation),
+                    );
                 }
                 Ok(Some(Reply::Event(e))) => {
                     let decoded = match e.ty() {
@@ -256,14 +262,17 @@ impl Pending {
                             decode_data::<SearchCompleted>(&e).map(Next::Search)
                         }
                         ChatFailed::TYPE => decode_data::<ChatFailed>(&e).map(|f| {
-                            Next::Failed(Problem::new(
-                                StatusCode::BAD_GATEWAY,
-                                "chat-failed",
-                                format!(
-                                    "{}: {}; correlation id {}",
-                                    f.reason, f.message, self.correlation
-                                ),
-                            ))
+                            Next::Failed(
+                                Problem::new(
+                                    StatusCode::BAD_GATEWAY,
+                                    "chat-failed",
+                                    format!(
+                                        "{}: {}; correlation id {}",
+                                        f.reason, f.message, self.correlation
+                                    ),
+                                )
+                                .with_correlation(&self.correlation),
+                            )
                         }),
                         _ => continue,
                     };

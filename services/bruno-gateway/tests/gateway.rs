@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bruno_broker::{Broker, PartSpec, Secret};
+use bruno_broker::{Broker, BrokerConfig, PartSpec, Secret};
 use bruno_events::payload::{
     ChatCompleted, ChatDelta, ChatFailed, ChatRequested, SearchCompleted, SearchHit,
     SearchRequested, TokenUsage,
@@ -16,7 +16,7 @@ use bruno_events::payload::{
 use bruno_events::{AttributesReader, Event, EventData, reply_event};
 use bruno_gateway::{Gateway, GatewayConfig, GatewayMetrics, router};
 use bruno_runtime::{Context, FromEvent, Handler, HandlerError, Incoming, Raw};
-use bruno_system_tests::{Harness, Proxy, amqp_addr, amqp_url};
+use bruno_system_tests::{Harness, PrivateBroker, Proxy, amqp_addr, amqp_url, test_config};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -76,7 +76,7 @@ impl Handler for Responder {
             broker
                 .publish(&reply_event(e, &ctx.source, i as u32 + 1, &d))
                 .await
-                .unwrap();
+                .map_err(|e| HandlerError::dependency(e.to_string()))?;
         }
         let done = ChatCompleted {
             session_id: r.session_id,
@@ -137,10 +137,18 @@ fn open() -> GatewayConfig {
 }
 
 async fn setup() -> (Harness, CancellationToken) {
-    let h = Harness::new(vec![PartSpec::on_types(
-        "responder",
-        &[ChatRequested::TYPE, SearchRequested::TYPE],
-    )])
+    setup_on(test_config()).await
+}
+
+/// The responder part on the broker `config` names.
+async fn setup_on(config: BrokerConfig) -> (Harness, CancellationToken) {
+    let h = Harness::with_config(
+        config,
+        vec![PartSpec::on_types(
+            "responder",
+            &[ChatRequested::TYPE, SearchRequested::TYPE],
+        )],
+    )
     .await;
     let stop = CancellationToken::new();
     tokio::spawn(bruno_runtime::run_pull(
@@ -354,10 +362,8 @@ async fn a_slow_turn_answers_504_and_its_late_reply_is_dropped_and_counted() {
     assert_eq!(r.status(), 504);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     let p: Value = r.json().await.unwrap();
-    assert!(
-        p["detail"].as_str().unwrap().contains("correlation id"),
-        "{p}"
-    );
+    let correlation = p["correlation_id"].as_str().unwrap();
+    assert!(p["detail"].as_str().unwrap().contains(correlation), "{p}");
     for _ in 0..60 {
         if g.gateway.inbox().late_replies() >= 1 {
             break;
@@ -443,6 +449,91 @@ async fn the_broker_connection_lost_mid_turn_fails_fast_and_the_reply_queue_come
     cancel.cancel();
     stop.cancel();
     h.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_broker_restarting_mid_turn_fails_fast_and_chats_resume_after_it() {
+    // A RabbitMQ node of this test's own: stopping the shared one would
+    // disturb every other test.
+    let node = PrivateBroker::start().await;
+    let mut config = test_config();
+    config.url = Secret::new(node.url());
+    let (h, stop) = setup_on(config).await;
+    let g = gateway(
+        h.broker.clone(),
+        GatewayConfig {
+            chat_timeout_ms: 60_000,
+            ..open()
+        },
+    )
+    .await;
+    let r = post(
+        g.addr,
+        "/v1/chat",
+        json!({"session_id": "s", "message": "before the restart"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let addr = g.addr;
+    let in_flight: Vec<_> = (0..4)
+        .map(|i| {
+            tokio::spawn(async move {
+                post(
+                    addr,
+                    "/v1/chat",
+                    json!({"session_id": format!("s{i}"), "message": "slow one"}),
+                )
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let restarted_at = std::time::Instant::now();
+    let restart = tokio::spawn(async move {
+        node.restart().await;
+        node
+    });
+    for t in in_flight {
+        let r = t.await.unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body["correlation_id"].is_string(), "{body}");
+    }
+    let failed_after = restarted_at.elapsed();
+    let node = restart.await.unwrap();
+    eprintln!(
+        "in-flight turns answered 503 {failed_after:?} after the stop began (timeout 60 s); node back after {:?}",
+        restarted_at.elapsed()
+    );
+    assert!(
+        failed_after < Duration::from_secs(30),
+        "in-flight turns hung for {failed_after:?}"
+    );
+    // The gateway reconnects and re-declares its reply queue by itself.
+    let mut ok = None;
+    for _ in 0..300 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !g.gateway.is_ready() {
+            continue;
+        }
+        let r = post(
+            g.addr,
+            "/v1/chat",
+            json!({"session_id": "s", "message": "after the restart"}),
+        )
+        .await;
+        if r.status() == 200 {
+            ok = Some(r.json::<Value>().await.unwrap());
+            break;
+        }
+    }
+    let body = ok.expect("no successful chat after the broker restart");
+    assert_eq!(body["answer"], "echo: after the restart");
+    g.stop.cancel();
+    stop.cancel();
+    h.cleanup().await;
+    drop(node);
 }
 
 #[tokio::test]

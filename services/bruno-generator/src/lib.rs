@@ -307,24 +307,32 @@ impl Generator {
             .set(i64::from(b.open_until.is_some()));
     }
 
-    async fn publish_delta(
+    /// Publish `texts` as the deltas numbered from `seq`, pipelined: the
+    /// broker confirms them together (the gateway orders them by `seq`).
+    async fn publish_deltas(
         &self,
         ctx: &Context,
         cause: &Event,
         seq: u64,
-        text: String,
+        texts: Vec<String>,
     ) -> Result<(), HandlerError> {
         let Some(broker) = &ctx.broker else {
             return Ok(());
         };
-        let delta = reply_event(
-            cause,
-            &ctx.source,
-            u32::try_from(seq).unwrap_or(u32::MAX),
-            &ChatDelta { seq, text },
-        );
+        let deltas: Vec<Event> = texts
+            .into_iter()
+            .zip(seq..)
+            .map(|(text, seq)| {
+                reply_event(
+                    cause,
+                    &ctx.source,
+                    u32::try_from(seq).unwrap_or(u32::MAX),
+                    &ChatDelta { seq, text },
+                )
+            })
+            .collect();
         broker
-            .publish(&delta)
+            .publish_all(&deltas)
             .await
             .map_err(|e| HandlerError::dependency(format!("publishing chat.delta: {e}")))
     }
@@ -367,15 +375,20 @@ impl Handler for Generator {
                 let mut first: Option<Instant> = None;
                 let mut failed: Option<HandlerError> = None;
                 let mut seq = 0u64;
-                while let Some(text) = rx.recv().await {
+                // Whatever arrived while the last batch was being confirmed
+                // goes out as the next batch.
+                let mut batch = Vec::new();
+                while rx.recv_many(&mut batch, 256).await > 0 {
                     first.get_or_insert_with(Instant::now);
-                    answer.push_str(&text);
+                    let texts = std::mem::take(&mut batch);
+                    let n = texts.len() as u64;
+                    texts.iter().for_each(|t| answer.push_str(t));
                     if failed.is_none()
-                        && let Err(e) = self.publish_delta(ctx, event, seq, text).await
+                        && let Err(e) = self.publish_deltas(ctx, event, seq, texts).await
                     {
                         failed = Some(e);
                     }
-                    seq += 1;
+                    seq += n;
                 }
                 (first, failed)
             };

@@ -23,7 +23,7 @@ use bruno_events::payload::{
 };
 use bruno_events::{AttributesReader, Event, EventData, reply_event};
 use bruno_runtime::{Context, ErrorCode, FromEvent, Handler, HandlerError, Incoming, Raw};
-use bruno_store::{Chunks, Conversations, Store, StoreError};
+use bruno_store::{Chunks, Conversations, Store, StoreError, TurnRow};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
@@ -199,41 +199,37 @@ impl Retriever {
         Ok(hits)
     }
 
-    async fn memory(
-        &self,
-        session_id: &str,
-        vector: &[f32],
-    ) -> Result<Vec<MemoryTurn>, HandlerError> {
+    /// The session's most recent turns (no vector needed, so this runs
+    /// while the query is being embedded).
+    async fn recent(&self, session_id: &str) -> Result<Vec<TurnRow>, HandlerError> {
         let Some(conversations) = self.conversations().await? else {
             return Ok(Vec::new());
         };
-        let recent = conversations
+        if self.config.memory_recent == 0 {
+            return Ok(Vec::new());
+        }
+        conversations
             .recent(session_id, self.config.memory_recent)
             .await
-            .map_err(store_error)?;
-        let related = if self.config.memory_related > 0 {
-            conversations
-                .related(session_id, vector, self.config.memory_related)
-                .await
-                .map_err(store_error)?
-        } else {
-            Vec::new()
+            .map_err(store_error)
+    }
+
+    /// The session's earlier turns nearest to the question.
+    async fn related(
+        &self,
+        session_id: &str,
+        vector: &[f32],
+    ) -> Result<Vec<TurnRow>, HandlerError> {
+        let Some(conversations) = self.conversations().await? else {
+            return Ok(Vec::new());
         };
-        // Related earlier turns first (oldest first), then the recent ones.
-        let mut earlier: Vec<_> = related
-            .into_iter()
-            .filter(|t| !recent.iter().any(|r| r.id == t.id))
-            .collect();
-        earlier.sort_by_key(|t| t.at_micros);
-        Ok(earlier
-            .into_iter()
-            .chain(recent)
-            .map(|t| MemoryTurn {
-                id: t.id,
-                role: t.role,
-                text: t.text,
-            })
-            .collect())
+        if self.config.memory_related == 0 {
+            return Ok(Vec::new());
+        }
+        conversations
+            .related(session_id, vector, self.config.memory_related)
+            .await
+            .map_err(store_error)
     }
 
     async fn contextualize(
@@ -247,13 +243,19 @@ impl Retriever {
             .k
             .unwrap_or(self.config.chat_k)
             .clamp(1, 100) as usize;
+        // Independent reads run concurrently: the recent turns while the
+        // query is embedded, then the passages and the related turns.
         let result = async {
-            let vector = self.embed_query(&request.message).await?;
-            let passages = self
-                .hits(&vector, &request.message, k, &SearchFilters::default())
-                .await?;
-            let memory = self.memory(&request.session_id, &vector).await?;
-            Ok::<_, HandlerError>((passages, memory))
+            let (vector, recent) = tokio::try_join!(
+                self.embed_query(&request.message),
+                self.recent(&request.session_id)
+            )?;
+            let no_filters = SearchFilters::default();
+            let (passages, related) = tokio::try_join!(
+                self.hits(&vector, &request.message, k, &no_filters),
+                self.related(&request.session_id, &vector)
+            )?;
+            Ok::<_, HandlerError>((passages, memory(recent, related)))
         }
         .await;
         match result {
@@ -276,6 +278,25 @@ impl Retriever {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Related earlier turns first (oldest first, those also among the recent
+/// ones left out), then the recent ones.
+fn memory(recent: Vec<TurnRow>, related: Vec<TurnRow>) -> Vec<MemoryTurn> {
+    let mut earlier: Vec<_> = related
+        .into_iter()
+        .filter(|t| !recent.iter().any(|r| r.id == t.id))
+        .collect();
+    earlier.sort_by_key(|t| t.at_micros);
+    earlier
+        .into_iter()
+        .chain(recent)
+        .map(|t| MemoryTurn {
+            id: t.id,
+            role: t.role,
+            text: t.text,
+        })
+        .collect()
 }
 
 impl Handler for Retriever {
