@@ -119,7 +119,7 @@ async fn first_deltas(gateway: SocketAddr, n: usize) -> Histogram<u64> {
 
 /// Where a turn's time goes: the retriever's stages timed alone (the fleet
 /// idle), on the same tables the turns used.
-async fn stages(embedder: &bruno_embed::EmbedderConfig, dir: &tempfile::TempDir) {
+async fn stages(embedder: &bruno_embed::EmbedderConfig, dir: &tempfile::TempDir, turns: usize) {
     use bruno_embed::Embedder;
     const N: usize = 100;
     let model = bruno_embed::AnyEmbedder::from_config(embedder).unwrap();
@@ -135,6 +135,12 @@ async fn stages(embedder: &bruno_embed::EmbedderConfig, dir: &tempfile::TempDir)
         .await
         .unwrap()
         .unwrap();
+    // Wait for the fleet to go idle: every turn's memory written.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while conversations.count(None).await.unwrap() < 2 * turns {
+        assert!(Instant::now() < deadline, "memory writes never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (mut embed, mut search, mut recent, mut related) = (
         Histogram::<u64>::new(3).unwrap(),
         Histogram::<u64>::new(3).unwrap(),
@@ -282,7 +288,7 @@ async fn main() {
             ms(&hist, 0.99) - ms(&llm, 0.99),
         );
     }
-    stages(&config_for_stages, &dir).await;
+    stages(&config_for_stages, &dir, 20 + 2 * total).await;
     let ttft = first_deltas(gateway, 100).await;
     let llm = own.lock().unwrap().clone();
     println!(

@@ -367,6 +367,18 @@ impl Chunks {
         Ok(self.table.version().await?)
     }
 
+    /// Data files in the current version (each commit adds one; a
+    /// compaction merges them).
+    pub async fn files(&self) -> Result<usize, StoreError> {
+        crate::table_files(&self.table).await
+    }
+
+    /// Compact small files and fold new rows into the indexes (no version
+    /// is dropped): what the writer runs every few commits.
+    pub async fn compact(&self) -> Result<(), StoreError> {
+        crate::compact_table(&self.table).await
+    }
+
     /// Fold new rows into the indexes, build the vector index once the table
     /// is large enough, compact files and drop versions older than `keep`.
     pub async fn maintain(&self, keep: chrono::Duration) -> Result<(), StoreError> {

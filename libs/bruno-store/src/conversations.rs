@@ -9,6 +9,8 @@ use lancedb::arrow::arrow_array::{
     StringArray, TimestampMicrosecondArray,
 };
 use lancedb::arrow::arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use lancedb::index::Index;
+use lancedb::index::scalar::BTreeIndexBuilder;
 use lancedb::query::{ExecutableQuery, QueryBase, Select};
 use lancedb::{Connection, DistanceType, Table};
 
@@ -120,6 +122,20 @@ impl Conversations {
     ) -> Result<Self, StoreError> {
         let wanted = Arc::new(schema(embedder));
         let table = open_checked(db, TABLE, wanted.clone(), embedder, writer).await?;
+        // Every read is of one session: a B-tree on session_id spares the
+        // readers a scan of the whole table.
+        if writer
+            && !table
+                .list_indices()
+                .await?
+                .iter()
+                .any(|i| i.columns.iter().any(|c| c == "session_id"))
+        {
+            table
+                .create_index(&["session_id"], Index::BTree(BTreeIndexBuilder::default()))
+                .execute()
+                .await?;
+        }
         Ok(Self {
             table,
             schema: wanted,
@@ -265,6 +281,18 @@ impl Conversations {
             .table
             .count_rows(session_id.map(|s| format!("session_id = {}", quote(s))))
             .await?)
+    }
+
+    /// Data files in the current version (each commit adds one; a
+    /// compaction merges them).
+    pub async fn files(&self) -> Result<usize, StoreError> {
+        crate::table_files(&self.table).await
+    }
+
+    /// Compact small files and fold new rows into the indexes (no version
+    /// is dropped): what the writer runs every few commits.
+    pub async fn compact(&self) -> Result<(), StoreError> {
+        crate::compact_table(&self.table).await
     }
 
     /// Compact files and drop versions older than `keep`.

@@ -216,18 +216,33 @@ async fn open_checked(
 /// Fold new rows into the indexes, compact files and drop versions older
 /// than `keep`.
 async fn maintain_table(table: &Table, keep: chrono::Duration) -> Result<(), StoreError> {
-    use lancedb::table::{CompactionOptions, OptimizeAction};
-    table
-        .optimize(OptimizeAction::Compact {
-            options: CompactionOptions::default(),
-            remap_options: None,
-        })
-        .await?;
+    use lancedb::table::OptimizeAction;
+    compact_table(table).await?;
     table
         .optimize(OptimizeAction::Prune {
             older_than: Some(keep),
             delete_unverified: None,
             error_if_tagged_old_versions: None,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Data files (fragments) in the table's current version.
+async fn table_files(table: &Table) -> Result<usize, StoreError> {
+    Ok(table.stats().await?.fragment_stats.num_fragments)
+}
+
+/// Merge small data files into larger ones and fold new rows into the
+/// indexes. Every commit adds a file, and a query opens every file, so a
+/// table written in many small commits slows its readers down until this
+/// runs; the writer runs it every few commits.
+async fn compact_table(table: &Table) -> Result<(), StoreError> {
+    use lancedb::table::{CompactionOptions, OptimizeAction};
+    table
+        .optimize(OptimizeAction::Compact {
+            options: CompactionOptions::default(),
+            remap_options: None,
         })
         .await?;
     table

@@ -1,8 +1,8 @@
-//! The chunks table on real LanceDB in a temp dir.
+//! The chunks and conversations tables on real LanceDB in a temp dir.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bruno_store::{
-    ChunkRow, DocumentWrite, EmbedderInfo, SearchFilters, Store, StoreConfig, StoreError,
+    ChunkRow, DocumentWrite, EmbedderInfo, SearchFilters, Store, StoreConfig, StoreError, TurnRow,
 };
 
 const DIM: usize = 64;
@@ -264,4 +264,73 @@ async fn maintenance_keeps_the_data() {
         .await
         .unwrap();
     assert_eq!(hits.len(), 3);
+}
+
+fn turn(session: &str, n: i64, role: &str, text: &str) -> TurnRow {
+    TurnRow {
+        id: format!("{session}:{n}:{role}"),
+        session_id: session.into(),
+        role: role.into(),
+        text: text.into(),
+        correlation_id: format!("{session}-{n}"),
+        at_micros: 1_700_000_000_000_000 + n * 1_000_000,
+        vector: embed(text),
+    }
+}
+
+#[tokio::test]
+async fn session_memory_reads_one_session_and_survives_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let conversations = store(&dir).await.conversations(&info()).await.unwrap();
+    // One commit per turn pair, as a lightly loaded writer makes them.
+    for n in 0..20 {
+        for session in ["alice", "bob"] {
+            conversations
+                .write(&[
+                    turn(
+                        session,
+                        n,
+                        "user",
+                        &format!("{session} question {n} about topic{n}"),
+                    ),
+                    turn(
+                        session,
+                        n,
+                        "assistant",
+                        &format!("{session} answer {n} on topic{n}"),
+                    ),
+                ])
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(conversations.files().await.unwrap(), 40);
+    let check = || async {
+        let recent = conversations.recent("alice", 4).await.unwrap();
+        let said: Vec<&str> = recent.iter().map(|t| t.text.as_str()).collect();
+        assert_eq!(
+            said,
+            [
+                "alice question 18 about topic18",
+                "alice answer 18 on topic18",
+                "alice question 19 about topic19",
+                "alice answer 19 on topic19",
+            ]
+        );
+        let related = conversations
+            .related("alice", &embed("question about topic7"), 2)
+            .await
+            .unwrap();
+        assert_eq!(related.len(), 2);
+        assert!(
+            related.iter().all(|t| t.session_id == "alice"),
+            "{related:?}"
+        );
+        assert_eq!(related[0].text, "alice question 7 about topic7");
+        assert_eq!(conversations.count(Some("bob")).await.unwrap(), 40);
+    };
+    check().await;
+    conversations.compact().await.unwrap();
+    assert_eq!(conversations.files().await.unwrap(), 1);
+    check().await;
 }

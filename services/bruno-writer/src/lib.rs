@@ -37,6 +37,9 @@ pub struct WriterConfig {
     pub batch_ms: u64,
     /// Messages in flight (the prefetch); must cover a batch's messages.
     pub concurrency: u16,
+    /// Compact a table (and fold new rows into its indexes) after this many
+    /// commits: each commit adds a file that every query opens.
+    pub compact_every_commits: u32,
     /// Seconds between compaction / index / cleanup runs.
     pub maintenance_interval_secs: u64,
     /// Old table versions younger than this are kept.
@@ -49,6 +52,7 @@ impl Default for WriterConfig {
             batch_rows: 512,
             batch_ms: 200,
             concurrency: 128,
+            compact_every_commits: 16,
             maintenance_interval_secs: 3600,
             keep_versions_hours: 2,
         }
@@ -61,6 +65,7 @@ pub struct WriterMetrics {
     rows_per_commit: Histogram,
     commit_seconds: Histogram,
     commits: Counter,
+    compactions: Counter,
     chunk_rows: Gauge,
     chunk_version: Gauge,
     turn_rows: Gauge,
@@ -72,6 +77,7 @@ impl Default for WriterMetrics {
             rows_per_commit: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             commit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             commits: Counter::default(),
+            compactions: Counter::default(),
             chunk_rows: Gauge::default(),
             chunk_version: Gauge::default(),
             turn_rows: Gauge::default(),
@@ -94,6 +100,11 @@ impl WriterMetrics {
         );
         registry.register("bruno_writer_commits", "Commits", self.commits.clone());
         registry.register(
+            "bruno_writer_compactions",
+            "Compactions run every writer.compact_every_commits commits",
+            self.compactions.clone(),
+        );
+        registry.register(
             "bruno_store_chunks_rows",
             "Rows in the chunks table",
             self.chunk_rows.clone(),
@@ -113,6 +124,11 @@ impl WriterMetrics {
     /// Commits so far (for tests and benches).
     pub fn commits(&self) -> u64 {
         self.commits.get()
+    }
+
+    /// Compactions so far (for tests and benches).
+    pub fn compactions(&self) -> u64 {
+        self.compactions.get()
     }
 }
 
@@ -375,6 +391,8 @@ async fn batcher(
     metrics: WriterMetrics,
 ) {
     let max_wait = Duration::from_millis(config.batch_ms);
+    // Here, between commits, compaction never races a write.
+    let mut since_compaction: HashMap<Table, u32> = HashMap::new();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let mut rows = batch[0].work.rows();
@@ -394,23 +412,63 @@ async fn batcher(
             groups.entry(p.key()).or_default().push(p);
         }
         for ((table, _, _), group) in groups {
-            match table {
+            let embedder = group[0].embedder.clone();
+            let committed = match table {
                 Table::Chunks => commit(&store, &tables, group, &metrics).await,
                 Table::Conversations => commit_turns(&store, &tables, group, &metrics).await,
+            };
+            let n = since_compaction.entry(table).or_default();
+            *n += u32::from(committed);
+            if *n >= config.compact_every_commits.max(1) {
+                *n = 0;
+                compact(&store, &tables, table, &embedder, &metrics).await;
             }
         }
     }
 }
 
+/// Compact `table` (a failure is logged: the next run or the scheduled
+/// maintenance tries again).
+async fn compact(
+    store: &Store,
+    tables: &Tables,
+    table: Table,
+    embedder: &EmbedderInfo,
+    metrics: &WriterMetrics,
+) {
+    let started = Instant::now();
+    let result = match table {
+        Table::Chunks => match tables.chunks(store, embedder).await {
+            Ok(t) => t.compact().await,
+            Err(e) => Err(e),
+        },
+        Table::Conversations => match tables.conversations(store, embedder).await {
+            Ok(t) => t.compact().await,
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => {
+            metrics.compactions.inc();
+            info!(?table, took = ?started.elapsed(), "compacted");
+        }
+        Err(e) => warn!(error = %e, ?table, "compaction failed"),
+    }
+}
+
+/// Commit a batch of turns; true once committed.
 async fn commit_turns(
     store: &Store,
     tables: &Tables,
     group: Vec<Pending>,
     metrics: &WriterMetrics,
-) {
+) -> bool {
     let table = match tables.conversations(store, &group[0].embedder).await {
         Ok(t) => t,
-        Err(e) => return fail_all(group, &store_error(e)),
+        Err(e) => {
+            fail_all(group, &store_error(e));
+            return false;
+        }
     };
     let mut rows: Vec<TurnRow> = Vec::new();
     for p in &group {
@@ -444,18 +502,29 @@ async fn commit_turns(
                     removed: 0,
                 }));
             }
+            true
         }
         Err(e) => {
             warn!(error = %e, rows = rows.len(), "commit failed");
             fail_all(group, &store_error(e));
+            false
         }
     }
 }
 
-async fn commit(store: &Store, tables: &Tables, group: Vec<Pending>, metrics: &WriterMetrics) {
+/// Commit a batch of documents; true once committed.
+async fn commit(
+    store: &Store,
+    tables: &Tables,
+    group: Vec<Pending>,
+    metrics: &WriterMetrics,
+) -> bool {
     let table = match tables.chunks(store, &group[0].embedder).await {
         Ok(t) => t,
-        Err(e) => return fail_all(group, &store_error(e)),
+        Err(e) => {
+            fail_all(group, &store_error(e));
+            return false;
+        }
     };
     // Several messages for one document in a batch: merge them (later rows win).
     let mut docs: Vec<DocumentWrite> = Vec::new();
@@ -475,7 +544,10 @@ async fn commit(store: &Store, tables: &Tables, group: Vec<Pending>, metrics: &W
     // The single writer: nothing changes the table between these two calls.
     let stale = match table.stale_counts(&docs).await {
         Ok(s) => s,
-        Err(e) => return fail_all(group, &e.to_string()),
+        Err(e) => {
+            fail_all(group, &e.to_string());
+            return false;
+        }
     };
     match table.write(&docs).await {
         Ok(outcome) => {
@@ -507,10 +579,12 @@ async fn commit(store: &Store, tables: &Tables, group: Vec<Pending>, metrics: &W
                     removed,
                 }));
             }
+            true
         }
         Err(e) => {
             warn!(error = %e, rows, "commit failed");
             fail_all(group, &store_error(e));
+            false
         }
     }
 }

@@ -65,12 +65,19 @@ struct Running {
 }
 
 fn start_writer(broker: bruno_broker::Broker, store: Store) -> Running {
+    start_writer_with(
+        broker,
+        store,
+        WriterConfig {
+            batch_ms: 300,
+            ..WriterConfig::default()
+        },
+    )
+}
+
+fn start_writer_with(broker: bruno_broker::Broker, store: Store, config: WriterConfig) -> Running {
     let shutdown = CancellationToken::new();
     let metrics = WriterMetrics::default();
-    let config = WriterConfig {
-        batch_ms: 300,
-        ..WriterConfig::default()
-    };
     let writer = Writer::start(store, &config, metrics.clone(), shutdown.clone());
     let task = tokio::spawn(bruno_runtime::run_pull(
         broker,
@@ -257,6 +264,101 @@ async fn bad_writes_are_dead_lettered_with_a_reason() {
         stray_letter.reason
     );
     assert_eq!(chunks.count(None).await.unwrap(), 2);
+    w.shutdown.cancel();
+    w.task.await.unwrap();
+    h.cleanup().await;
+}
+
+fn turn_event(n: usize) -> Event {
+    let row = |role: &str, text: String| MemoryRow {
+        id: format!("turn-{n}-{role}"),
+        text,
+        vector: {
+            let mut v = vec![0.0; DIM as usize];
+            v[n % DIM as usize] = 1.0;
+            v
+        },
+        metadata: BTreeMap::from([
+            ("session_id".to_owned(), serde_json::json!("s1")),
+            ("role".to_owned(), serde_json::json!(role)),
+            (
+                "correlation_id".to_owned(),
+                serde_json::json!(format!("c{n}")),
+            ),
+            (
+                "created_at".to_owned(),
+                serde_json::json!(format!("2026-11-25T10:00:{n:02}Z")),
+            ),
+        ]),
+    };
+    new_event(
+        "tests",
+        &MemoryWrite {
+            table: Table::Conversations,
+            rows: vec![
+                row("user", format!("question {n}")),
+                row("assistant", format!("answer {n}")),
+            ],
+            embedder: embedder(DIM),
+            doc_id: None,
+            chunk_ids: None,
+            content_hash: None,
+        },
+    )
+}
+
+#[tokio::test]
+async fn the_writer_compacts_a_table_every_few_commits() {
+    let h = Harness::new(vec![
+        PartSpec::on_types("writer", &[MemoryWrite::TYPE]).single_active(),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir).await;
+    let w = start_writer_with(
+        h.broker.clone(),
+        store.clone(),
+        WriterConfig {
+            batch_ms: 20,
+            compact_every_commits: 3,
+            ..WriterConfig::default()
+        },
+    );
+    // One turn at a time, each its own commit.
+    for n in 0..9 {
+        h.broker.publish(&turn_event(n)).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while w.metrics.commits() < n as u64 + 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "turn {n} never committed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while w.metrics.compactions() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} compactions after 9 commits",
+            w.metrics.compactions()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let conversations = store
+        .conversations(&StoreEmbedder {
+            model: "test/fake".into(),
+            dimension: DIM,
+        })
+        .await
+        .unwrap();
+    assert_eq!(conversations.count(None).await.unwrap(), 18);
+    // Nine one-commit files became at most two: LanceDB merges files
+    // already covered by the indexes apart from those that are not yet.
+    let files = conversations.files().await.unwrap();
+    assert!(files <= 2, "{files} files after 3 compactions");
+    let recent = conversations.recent("s1", 2).await.unwrap();
+    assert_eq!(recent[1].text, "answer 8");
     w.shutdown.cancel();
     w.task.await.unwrap();
     h.cleanup().await;
