@@ -204,6 +204,28 @@ pub struct MemoryTurn {
     pub text: String,
 }
 
+/// The question's embedding as the retriever made it, carried to the
+/// embedder with the answer so the user turn is not embedded twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QuestionVector {
+    /// The embedder that made it.
+    pub embedder: EmbedderInfo,
+    /// Unit-length vector of `embedder.dimension` numbers.
+    pub vector: Vec<f32>,
+}
+
+impl QuestionVector {
+    /// Usable as `embedder`'s vector: same model and dimension, finite,
+    /// unit length (anything else is embedded again, never stored).
+    pub fn usable_for(&self, embedder: &EmbedderInfo) -> bool {
+        let norm: f32 = self.vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+        self.embedder == *embedder
+            && self.vector.len() == embedder.dimension as usize
+            && self.vector.iter().all(|x| x.is_finite())
+            && (norm - 1.0).abs() < 1e-3
+    }
+}
+
 /// `bruno.chat.contextualized.v1`: a chat turn with its retrieved context.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ChatContextualized {
@@ -213,6 +235,9 @@ pub struct ChatContextualized {
     pub passages: Vec<SearchHit>,
     /// Conversation memory.
     pub memory: Vec<MemoryTurn>,
+    /// The question's embedding (passed on in `chat.completed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question_vector: Option<QuestionVector>,
 }
 
 /// `bruno.chat.delta.v1`: a streamed piece of the answer.
@@ -262,6 +287,9 @@ pub struct ChatCompleted {
     pub model: String,
     /// True when the LLM was unavailable and the answer was extracted from passages.
     pub fallback: bool,
+    /// The question's embedding from the retriever, for the memory write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question_vector: Option<QuestionVector>,
 }
 
 /// `bruno.chat.failed.v1`: a turn that could not be answered.
@@ -318,4 +346,29 @@ pub struct BackupFailed {
     pub reason: String,
     /// Human-readable message.
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_question_vector_is_reused_only_when_it_is_the_embedders_own() {
+        let info = EmbedderInfo {
+            model: "m".into(),
+            dimension: 2,
+        };
+        let q = |model: &str, vector: Vec<f32>| QuestionVector {
+            embedder: EmbedderInfo {
+                model: model.into(),
+                dimension: 2,
+            },
+            vector,
+        };
+        assert!(q("m", vec![0.6, 0.8]).usable_for(&info));
+        assert!(!q("other", vec![0.6, 0.8]).usable_for(&info));
+        assert!(!q("m", vec![1.0]).usable_for(&info));
+        assert!(!q("m", vec![f32::NAN, 0.8]).usable_for(&info));
+        assert!(!q("m", vec![3.0, 4.0]).usable_for(&info));
+    }
 }

@@ -248,6 +248,44 @@ async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
         remembered,
         "the first turn never reached the conversations table"
     );
+    // The user turn was stored with the retriever's vector of the question
+    // (not embedded a second time), and that vector is the model's own.
+    let metrics = reqwest::get(format!("http://{}/metrics", bound.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let reused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("bruno_embedder_question_vectors_reused_total "))
+        .map(|v| v.trim().parse::<f64>().unwrap())
+        .unwrap_or(0.0);
+    assert!(reused >= 1.0, "no question vector reused:\n{metrics}");
+    let model = bruno_embed::AnyEmbedder::from_config(&Default::default()).unwrap();
+    let question = "My name is Ada and I like basalt.".to_owned();
+    let fresh = bruno_embed::Embedder::embed(&model, std::slice::from_ref(&question))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let turns = store
+        .existing_conversations(&info())
+        .await
+        .unwrap()
+        .unwrap();
+    let nearest = turns.related("s2", &fresh, 1).await.unwrap();
+    assert_eq!(nearest[0].text, question);
+    let cosine: f32 = nearest[0]
+        .vector
+        .iter()
+        .zip(&fresh)
+        .map(|(a, b)| a * b)
+        .sum();
+    assert!(
+        cosine > 0.999,
+        "stored question vector off: cosine {cosine}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     // ... and the second turn of the session gets it as history.
     let second = chat(gateway, "s2", "What is my name?").await;

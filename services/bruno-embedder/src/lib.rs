@@ -75,6 +75,7 @@ pub struct EmbedderMetrics {
     unchanged: Counter,
     chunks: Counter,
     turns: Counter,
+    question_vectors_reused: Counter,
 }
 
 impl EmbedderMetrics {
@@ -99,6 +100,11 @@ impl EmbedderMetrics {
             "bruno_embedder_turns",
             "Conversation turns embedded",
             self.turns.clone(),
+        );
+        registry.register(
+            "bruno_embedder_question_vectors_reused",
+            "Turns whose question vector came from the retriever (not embedded again)",
+            self.question_vectors_reused.clone(),
         );
     }
 }
@@ -393,7 +399,17 @@ impl EmbedderService {
             .unwrap_or_else(chrono::Utc::now)
             .to_rfc3339();
         let texts = vec![done.question.clone(), done.answer.clone()];
-        let vectors = self.embed(&texts).await?;
+        // The retriever already embedded the question with this model.
+        let vectors = match done.question_vector {
+            Some(q) if q.usable_for(self.embedder.info()) => {
+                let mut answer = self.embed(&texts[1..]).await?;
+                self.metrics.question_vectors_reused.inc();
+                let mut both = vec![q.vector];
+                both.append(&mut answer);
+                both
+            }
+            _ => self.embed(&texts).await?,
+        };
         let rows = texts
             .into_iter()
             .zip(vectors)

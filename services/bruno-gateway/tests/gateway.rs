@@ -89,6 +89,7 @@ impl Handler for Responder {
             },
             model: "echo".into(),
             fallback: false,
+            question_vector: None,
         };
         Ok(vec![reply_event(e, &ctx.source, 0, &done)])
     }

@@ -435,6 +435,7 @@ impl Handler for Generator {
                 },
                 model: self.llm.model().to_owned(),
                 fallback: false,
+                question_vector: turn.question_vector.clone(),
             },
             Err(reason) if turn.passages.is_empty() => {
                 let failed = ChatFailed {
@@ -453,6 +454,7 @@ impl Handler for Generator {
                     usage: TokenUsage::default(),
                     model: "extractive".into(),
                     fallback: true,
+                    question_vector: turn.question_vector.clone(),
                 }
             }
         };

@@ -14,7 +14,7 @@ use axum::routing::post;
 use bruno_broker::PartSpec;
 use bruno_events::payload::{
     ChatCompleted, ChatContextualized, ChatDelta, ChatFailed, ChatOptions, ChatRequested,
-    MemoryTurn, SearchHit,
+    EmbedderInfo, MemoryTurn, QuestionVector, SearchHit,
 };
 use bruno_events::{AttributesReader, Event, EventData, ExtensionValue, decode_data, new_event};
 use bruno_generator::{
@@ -158,6 +158,13 @@ fn turn(message: &str, passages: bool) -> Event {
                 text: "Hello Ada.".into(),
             },
         ],
+        question_vector: Some(QuestionVector {
+            embedder: EmbedderInfo {
+                model: "test/model".into(),
+                dimension: 2,
+            },
+            vector: vec![0.6, 0.8],
+        }),
     };
     let mut e = new_event("tests", &data);
     e.set_extension(
@@ -311,6 +318,8 @@ async fn streams_in_order(
     assert_eq!(done.citations.len(), 1);
     assert_eq!(done.citations[0].chunk_id, "geology");
     assert_eq!(done.session_id, "s1");
+    // Passed on for the memory write.
+    assert_eq!(done.question_vector.unwrap().vector, [0.6, 0.8]);
     check_prompt(&llm.requests.lock().unwrap()[0]);
     f.stop().await;
 }
@@ -373,6 +382,7 @@ async fn a_failing_llm_gets_extractive_answers_then_the_breaker_opens_and_recove
             done.answer
         );
         assert_eq!(done.model, "extractive");
+        assert!(done.question_vector.is_some());
         assert!(!done.citations.is_empty());
     }
     assert_eq!(llm.hits.load(Ordering::SeqCst), 3);

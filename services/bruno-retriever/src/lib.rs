@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use bruno_embed::{AnyEmbedder, Embedder};
 use bruno_events::payload::{
-    ChatContextualized, ChatFailed, ChatRequested, MemoryTurn, SearchCompleted, SearchFilters,
-    SearchHit, SearchRequested,
+    ChatContextualized, ChatFailed, ChatRequested, MemoryTurn, QuestionVector, SearchCompleted,
+    SearchFilters, SearchHit, SearchRequested,
 };
 use bruno_events::{AttributesReader, Event, EventData, reply_event};
 use bruno_runtime::{Context, ErrorCode, FromEvent, Handler, HandlerError, Incoming, Raw};
@@ -255,15 +255,19 @@ impl Retriever {
                 self.hits(&vector, &request.message, k, &no_filters),
                 self.related(&request.session_id, &vector)
             )?;
-            Ok::<_, HandlerError>((passages, memory(recent, related)))
+            Ok::<_, HandlerError>((passages, memory(recent, related), vector))
         }
         .await;
         match result {
-            Ok((passages, memory)) => {
+            Ok((passages, memory, vector)) => {
                 let out = ChatContextualized {
                     request,
                     passages,
                     memory,
+                    question_vector: Some(QuestionVector {
+                        embedder: self.embedder.info().clone(),
+                        vector,
+                    }),
                 };
                 Ok(vec![reply_event(event, &ctx.source, 0, &out)])
             }
