@@ -71,18 +71,31 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-async fn turns(gateway: SocketAddr, sessions: usize, total: usize) -> Histogram<u64> {
+/// `sessions` sessions of `per_session` turns each; `every` paces each
+/// session (one question per period, sessions staggered), `None` asks the
+/// next question as soon as the answer is in.
+async fn chats(
+    gateway: SocketAddr,
+    sessions: usize,
+    per_session: usize,
+    every: Option<Duration>,
+) -> Histogram<u64> {
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
     let client = reqwest::Client::new();
-    let per = total / sessions;
+    let start = tokio::time::Instant::now();
     let tasks = (0..sessions).map(|s| {
         let (client, hist) = (client.clone(), hist.clone());
         async move {
-            for t in 0..per {
+            let mut next = every.map(|e| start + e.mul_f64(s as f64 / sessions as f64));
+            for t in 0..per_session {
+                if let (Some(at), Some(e)) = (next.as_mut(), every) {
+                    tokio::time::sleep_until(*at).await;
+                    *at += e;
+                }
                 let started = Instant::now();
                 let r = client
                     .post(format!("http://{gateway}/v1/chat"))
-                    .json(&json!({"session_id": format!("bench-{s}"), "message": format!("how do I restore backup {t}?")}))
+                    .json(&json!({"session_id": format!("bench-{s}-{}", every.is_some()), "message": format!("how do I restore backup {t}?")}))
                     .send()
                     .await
                     .unwrap();
@@ -96,6 +109,11 @@ async fn turns(gateway: SocketAddr, sessions: usize, total: usize) -> Histogram<
     Arc::try_unwrap(hist).unwrap().into_inner().unwrap()
 }
 
+/// Closed loop: each session asks again as soon as it has its answer.
+async fn turns(gateway: SocketAddr, sessions: usize, total: usize) -> Histogram<u64> {
+    chats(gateway, sessions, total / sessions, None).await
+}
+
 /// `sessions` users chatting at once, each asking a question every `every`
 /// (staggered): the offered load stays below what the box can serve, so
 /// the figures are the per-turn overhead under concurrency, not queueing.
@@ -105,31 +123,7 @@ async fn paced(
     per_session: usize,
     every: Duration,
 ) -> Histogram<u64> {
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
-    let client = reqwest::Client::new();
-    let start = tokio::time::Instant::now();
-    let tasks = (0..sessions).map(|s| {
-        let (client, hist) = (client.clone(), hist.clone());
-        async move {
-            let mut next = start + every.mul_f64(s as f64 / sessions as f64);
-            for t in 0..per_session {
-                tokio::time::sleep_until(next).await;
-                next += every;
-                let started = Instant::now();
-                let r = client
-                    .post(format!("http://{gateway}/v1/chat"))
-                    .json(&json!({"session_id": format!("paced-{s}"), "message": format!("which port does the router use {t}?")}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
-                r.bytes().await.unwrap();
-                hist.lock().unwrap().record(started.elapsed().as_micros() as u64).unwrap();
-            }
-        }
-    });
-    futures_util::future::join_all(tasks).await;
-    Arc::try_unwrap(hist).unwrap().into_inner().unwrap()
+    chats(gateway, sessions, per_session, Some(every)).await
 }
 
 async fn first_deltas(gateway: SocketAddr, n: usize) -> Histogram<u64> {
@@ -205,10 +199,10 @@ async fn stages(embedder: &bruno_embed::EmbedderConfig, dir: &tempfile::TempDir,
         chunks.search(&v, &q, 4, &filters).await.unwrap();
         search.record(started.elapsed().as_micros() as u64).unwrap();
         let started = Instant::now();
-        conversations.recent("bench-0", 6).await.unwrap();
+        conversations.recent("bench-0-false", 6).await.unwrap();
         recent.record(started.elapsed().as_micros() as u64).unwrap();
         let started = Instant::now();
-        conversations.related("bench-0", &v, 4).await.unwrap();
+        conversations.related("bench-0-false", &v, 4).await.unwrap();
         related
             .record(started.elapsed().as_micros() as u64)
             .unwrap();
