@@ -363,14 +363,29 @@ impl Attempts {
 
 /// A RabbitMQ node of the test's own (its own node name, ports and data
 /// directory), for tests that stop and restart the broker itself, which the
-/// shared one must not be. Needs `rabbitmq-server` and `rabbitmqctl` on the
-/// PATH (the machine that runs the shared broker has them); it is stopped
-/// when dropped.
+/// shared one must not be. Runs as the current user from RabbitMQ's own
+/// scripts (`BRUNO_TEST_RABBITMQ_BIN`, else `/usr/lib/rabbitmq/bin` where it
+/// exists, else the PATH); it is stopped when dropped.
 pub struct PrivateBroker {
     node: String,
     port: u16,
     env: Vec<(&'static str, String)>,
     _dir: tempfile::TempDir,
+}
+
+/// One of RabbitMQ's scripts, bypassing the distribution's wrapper (which
+/// switches to the `rabbitmq` user when run as root).
+fn rabbitmq_script(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("BRUNO_TEST_RABBITMQ_BIN")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let d = std::path::PathBuf::from("/usr/lib/rabbitmq/bin");
+            d.is_dir().then_some(d)
+        });
+    match dir {
+        Some(d) => d.join(name),
+        None => name.into(),
+    }
 }
 
 fn free_port() -> u16 {
@@ -399,7 +414,7 @@ impl PrivateBroker {
             format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
         )
         .unwrap();
-        // rabbitmq-server drops to the `rabbitmq` user, which must write here.
+        // Should the wrapper drop to the `rabbitmq` user, it must write here.
         for p in walk(dir.path()) {
             let mode = if p.is_dir() { 0o777 } else { 0o666 };
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -430,7 +445,7 @@ impl PrivateBroker {
     }
 
     async fn ctl(&self, args: &[&str]) -> std::process::Output {
-        tokio::process::Command::new("rabbitmqctl")
+        tokio::process::Command::new(rabbitmq_script("rabbitmqctl"))
             .arg("-n")
             .arg(&self.node)
             .args(args)
@@ -441,7 +456,7 @@ impl PrivateBroker {
     }
 
     async fn boot(&self) {
-        let status = tokio::process::Command::new("rabbitmq-server")
+        let status = tokio::process::Command::new(rabbitmq_script("rabbitmq-server"))
             .arg("-detached")
             .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .status()
@@ -484,7 +499,7 @@ impl PrivateBroker {
 
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
+        let _ = std::process::Command::new(rabbitmq_script("rabbitmqctl"))
             .arg("-n")
             .arg(&self.node)
             .arg("stop")
