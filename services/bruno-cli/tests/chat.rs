@@ -36,6 +36,10 @@ async fn ollama(
         .and_then(|m| m["content"].as_str())
         .unwrap_or("")
         .to_owned();
+    if question.contains("Take your time") {
+        // Hangs past the gateway's timeout, then answers after all.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
     let answer = if question.contains("What is my name?") {
         let name = messages
             .iter()
@@ -108,11 +112,8 @@ async fn chat(gateway: SocketAddr, session: &str, message: &str) -> Value {
     r.json().await.unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
-    let h = Harness::new(bruno_runtime::fleet::parts()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (seen, url) = llm().await;
+/// The whole fleet in this process against `llm_url`.
+fn fleet_config(h: &Harness, dir: &tempfile::TempDir, llm_url: String) -> Config {
     let mut config = Config {
         broker: h.config.clone(),
         store: StoreConfig {
@@ -127,9 +128,31 @@ async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
     config.admin.listen = "127.0.0.1:0".parse().unwrap();
     config.writer.batch_ms = 100;
     config.generator.llm = LlmConfig::Ollama {
-        url,
+        url: llm_url,
         model: "stub".into(),
     };
+    config
+}
+
+async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.trim().parse::<f64>().unwrap())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
+    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (seen, url) = llm().await;
+    let config = fleet_config(&h, &dir, url);
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(run_parts(config, &Part::ALL, shutdown.clone(), Some(tx)));
@@ -250,18 +273,8 @@ async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
     );
     // The user turn was stored with the retriever's vector of the question
     // (not embedded a second time), and that vector is the model's own.
-    let metrics = reqwest::get(format!("http://{}/metrics", bound.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let reused = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("bruno_embedder_question_vectors_reused_total "))
-        .map(|v| v.trim().parse::<f64>().unwrap())
-        .unwrap_or(0.0);
-    assert!(reused >= 1.0, "no question vector reused:\n{metrics}");
+    let reused = metric(bound.admin, "bruno_embedder_question_vectors_reused_total").await;
+    assert!(reused >= 1.0, "no question vector reused");
     let model = bruno_embed::AnyEmbedder::from_config(&Default::default()).unwrap();
     let question = "My name is Ada and I like basalt.".to_owned();
     let fresh = bruno_embed::Embedder::embed(&model, std::slice::from_ref(&question))
@@ -295,6 +308,55 @@ async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
     assert_eq!(other["answer"], "I do not know your name.", "{other}");
     let prompts = seen.lock().unwrap().clone();
     assert!(prompts.iter().all(|p| p["messages"][0]["role"] == "system"));
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    h.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_llm_gets_a_504_and_its_late_answer_is_dropped_and_counted() {
+    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_seen, url) = llm().await;
+    let mut config = fleet_config(&h, &dir, url);
+    config.gateway.chat_timeout_ms = 1000;
+    let shutdown = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(run_parts(config, &Part::ALL, shutdown.clone(), Some(tx)));
+    let bound = rx.await.unwrap();
+    let gateway = bound.gateway.unwrap();
+
+    let r = reqwest::Client::new()
+        .post(format!("http://{gateway}/v1/chat"))
+        .json(&json!({"session_id": "h", "message": "Take your time: what is basalt?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let problem: Value = r.json().await.unwrap();
+    assert!(problem["correlation_id"].is_string(), "{problem}");
+    // The gateway gave up before the LLM (2.5 s) answered.
+    assert_eq!(metric(bound.admin, "bruno_gateway_late_replies").await, 0.0);
+
+    // The LLM answers after all: that completion reaches the gateway late,
+    // is dropped and counted.
+    let mut late = 0.0;
+    for _ in 0..100 {
+        late = metric(bound.admin, "bruno_gateway_late_replies").await;
+        if late >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(late >= 1.0, "the late completion was not counted");
+    // Nothing crashed: the next turn is answered.
+    let next = chat(gateway, "h", "What is my name?").await;
+    assert_eq!(next["answer"], "I do not know your name.", "{next}");
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), task)
