@@ -134,6 +134,21 @@ fn fleet_config(h: &Harness, dir: &tempfile::TempDir, llm_url: String) -> Config
     config
 }
 
+/// Shut the fleet down (it must stop cleanly) and remove the test's queues.
+async fn stop(
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    h: Harness,
+) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    h.cleanup().await;
+}
+
 async fn metric(admin: SocketAddr, name: &str) -> f64 {
     let text = reqwest::get(format!("http://{admin}/metrics"))
         .await
@@ -309,13 +324,7 @@ async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
     let prompts = seen.lock().unwrap().clone();
     assert!(prompts.iter().all(|p| p["messages"][0]["role"] == "system"));
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    h.cleanup().await;
+    stop(shutdown, task, h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,11 +367,5 @@ async fn a_hanging_llm_gets_a_504_and_its_late_answer_is_dropped_and_counted() {
     let next = chat(gateway, "h", "What is my name?").await;
     assert_eq!(next["answer"], "I do not know your name.", "{next}");
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(30), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    h.cleanup().await;
+    stop(shutdown, task, h).await;
 }
