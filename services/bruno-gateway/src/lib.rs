@@ -540,11 +540,17 @@ fn sse_json(name: &str, value: &impl Serialize) -> SseEvent {
         .data(serde_json::to_string(value).unwrap_or_default())
 }
 
-fn stream_events(
-    gw: Arc<Gateway>,
-    pending: Pending,
-    started: Instant,
-) -> impl Stream<Item = SseItem> {
+/// What a streamed turn yields, in order: text as the answer grows, then
+/// how it ended.
+enum Piece {
+    Text(String),
+    Done(Box<ChatAnswer>),
+    Failed(Problem),
+}
+
+/// A turn's replies as [`Piece`]s: deltas in `seq` order, then whatever of
+/// the final answer was not streamed, then the end. Records the turn time.
+fn pieces(gw: Arc<Gateway>, pending: Pending, started: Instant) -> impl Stream<Item = Piece> {
     futures_util::stream::unfold(Some((pending, Ordered::new())), move |state| {
         let gw = gw.clone();
         async move {
@@ -556,35 +562,44 @@ fn stream_events(
                         if texts.is_empty() {
                             continue;
                         }
-                        let events: Vec<SseItem> = texts
-                            .into_iter()
-                            .map(|t| Ok(sse_json("delta", &json!({ "text": t }))))
-                            .collect();
-                        return Some((futures_util::stream::iter(events), Some((pending, order))));
+                        let out: Vec<Piece> = texts.into_iter().map(Piece::Text).collect();
+                        return Some((futures_util::stream::iter(out), Some((pending, order))));
                     }
                     Next::Search(_) => continue,
                     Next::Done(done) => {
                         gw.metrics
                             .turn_seconds
                             .observe(started.elapsed().as_secs_f64());
-                        let mut events: Vec<SseItem> = Vec::new();
+                        let mut out = Vec::new();
                         if let Some(rest) = order.rest(&done.answer) {
-                            events.push(Ok(sse_json("delta", &json!({ "text": rest }))));
+                            out.push(Piece::Text(rest));
                         }
-                        events.push(Ok(sse_json("done", &Gateway::answer(&pending, *done))));
-                        return Some((futures_util::stream::iter(events), None));
+                        out.push(Piece::Done(Box::new(Gateway::answer(&pending, *done))));
+                        return Some((futures_util::stream::iter(out), None));
                     }
                     Next::Failed(p) => {
-                        return Some((
-                            futures_util::stream::iter(vec![Ok(sse_json("error", &p))]),
-                            None,
-                        ));
+                        return Some((futures_util::stream::iter(vec![Piece::Failed(p)]), None));
                     }
                 }
             }
         }
     })
     .flatten()
+}
+
+/// Bruno's SSE: `delta` events, then `done` with the answer (or `error`).
+fn stream_events(
+    gw: Arc<Gateway>,
+    pending: Pending,
+    started: Instant,
+) -> impl Stream<Item = SseItem> {
+    pieces(gw, pending, started).map(|piece| {
+        Ok(match piece {
+            Piece::Text(t) => sse_json("delta", &json!({ "text": t })),
+            Piece::Done(answer) => sse_json("done", &answer),
+            Piece::Failed(p) => sse_json("error", &p),
+        })
+    })
 }
 
 async fn chat_stream(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -769,52 +784,28 @@ async fn chat_completions(
         None,
     );
     let head = futures_util::stream::iter(vec![Ok::<_, Infallible>(first)]);
-    let gw2 = gw.clone();
-    let body = futures_util::stream::unfold(Some((pending, Ordered::new())), move |state| {
-        let (id, model, gw) = (id.clone(), model.clone(), gw2.clone());
-        async move {
-            let (mut pending, mut order) = state?;
-            loop {
-                match pending.next().await {
-                    Next::Delta(d) => {
-                        let texts = order.push(d);
-                        if texts.is_empty() {
-                            continue;
-                        }
-                        let events: Vec<SseItem> = texts
-                            .into_iter()
-                            .map(|t| Ok(chunk(&id, created, &model, json!({"content": t}), None)))
-                            .collect();
-                        return Some((futures_util::stream::iter(events), Some((pending, order))));
-                    }
-                    Next::Search(_) => continue,
-                    Next::Done(done) => {
-                        gw.metrics.turn_seconds.observe(started.elapsed().as_secs_f64());
-                        let mut events: Vec<SseItem> = Vec::new();
-                        if let Some(rest) = order.rest(&done.answer) {
-                            events.push(Ok(chunk(&id, created, &model, json!({"content": rest}), None)));
-                        }
-                        events.push(Ok(chunk(&id, created, &model, json!({}), Some("stop"))));
-                        if include_usage {
-                            events.push(Ok(SseEvent::default().data(
-                                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                                       "choices": [], "usage": openai_usage(&done.usage)})
-                                .to_string(),
-                            )));
-                        }
-                        events.push(Ok(SseEvent::default().data("[DONE]")));
-                        return Some((futures_util::stream::iter(events), None));
-                    }
-                    Next::Failed(p) => {
-                        let error = json!({"error": {"message": p.detail, "type": "bruno_error", "code": p.status}});
-                        let events = vec![Ok(SseEvent::default().data(error.to_string()))];
-                        return Some((futures_util::stream::iter(events), None));
-                    }
+    let body = pieces(gw.clone(), pending, started).flat_map(move |piece| {
+        let events: Vec<SseItem> = match piece {
+            Piece::Text(t) => vec![Ok(chunk(&id, created, &model, json!({"content": t}), None))],
+            Piece::Done(answer) => {
+                let mut events = vec![Ok(chunk(&id, created, &model, json!({}), Some("stop")))];
+                if include_usage {
+                    events.push(Ok(SseEvent::default().data(
+                        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                               "choices": [], "usage": openai_usage(&answer.usage)})
+                        .to_string(),
+                    )));
                 }
+                events.push(Ok(SseEvent::default().data("[DONE]")));
+                events
             }
-        }
-    })
-    .flatten();
+            Piece::Failed(p) => {
+                let error = json!({"error": {"message": p.detail, "type": "bruno_error", "code": p.status}});
+                vec![Ok(SseEvent::default().data(error.to_string()))]
+            }
+        };
+        futures_util::stream::iter(events)
+    });
     record(
         &gw,
         "/v1/chat/completions",
