@@ -30,7 +30,7 @@ use bruno_events::payload::{
 };
 use bruno_events::{EventData, new_event};
 use bruno_store::{ChunkRow, DocumentWrite, Store, StoreConfig};
-use bruno_system_tests::Harness;
+use bruno_system_tests::{Harness, open_store};
 use hdrhistogram::Histogram;
 use tokio_util::sync::CancellationToken;
 
@@ -183,13 +183,7 @@ async fn writer_bench(h: &Harness) {
     }
     let started = Instant::now();
     let (stop, bound) = start(config(h, dir.path()), &[Part::Writer]).await;
-    let store = Store::open(StoreConfig {
-        uri: dir.path().display().to_string(),
-        read_consistency_ms: 0,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let store = open_store(dir.path()).await;
     loop {
         if let Some(t) = store.existing_chunks(&info()).await.unwrap()
             && t.count(None).await.unwrap() >= docs * 2
@@ -356,13 +350,7 @@ async fn end_to_end(h: &Harness, model: &MiniLm) {
             .unwrap();
         assert_eq!(r.status(), 202);
     }
-    let store = Store::open(StoreConfig {
-        uri: dir.path().display().to_string(),
-        read_consistency_ms: 0,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let store = open_store(dir.path()).await;
     loop {
         if let Some(t) = store.existing_chunks(&info()).await.unwrap()
             && t.count(None).await.unwrap() >= chunks.len()

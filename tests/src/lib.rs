@@ -22,6 +22,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// The LanceDB store under `dir`, reading every commit at once (read
+/// consistency 0), as tests and benches that wait for writes need.
+pub async fn open_store(dir: &std::path::Path) -> bruno_store::Store {
+    bruno_store::Store::open(bruno_store::StoreConfig {
+        uri: dir.display().to_string(),
+        read_consistency_ms: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// The broker under test (`BRUNO_TEST_AMQP_HOST`, default 127.0.0.1:5672).
 pub fn amqp_addr() -> String {
     std::env::var("BRUNO_TEST_AMQP_HOST").unwrap_or_else(|_| "127.0.0.1:5672".into())

@@ -16,8 +16,8 @@ use bruno_embed::EmbedderInfo;
 use bruno_events::EventData;
 use bruno_events::payload::{DocFormat, DocumentSubmitted};
 use bruno_generator::LlmConfig;
-use bruno_store::{Store, StoreConfig};
-use bruno_system_tests::Harness;
+use bruno_store::StoreConfig;
+use bruno_system_tests::{Harness, open_store};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -195,13 +195,7 @@ async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let store = Store::open(StoreConfig {
-        uri: dir.path().display().to_string(),
-        read_consistency_ms: 0,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let store = open_store(dir.path()).await;
     let mut indexed = false;
     for _ in 0..300 {
         if let Some(t) = store.existing_chunks(&info()).await.unwrap()

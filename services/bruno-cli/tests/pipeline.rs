@@ -16,7 +16,7 @@ use bruno_events::payload::{
 };
 use bruno_events::{EventData, decode_data, new_event};
 use bruno_store::{Store, StoreConfig};
-use bruno_system_tests::{Harness, Recorder, recv_n};
+use bruno_system_tests::{Harness, Recorder, open_store, recv_n};
 use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
@@ -258,13 +258,7 @@ async fn two_hundred_documents_exactly_once_across_killed_embedder_and_writer() 
     let addr = ingress.bound.ingress.unwrap();
     futures_util::future::join_all(docs.iter().map(|d| post(addr, d))).await;
 
-    let store = Store::open(StoreConfig {
-        uri: dir.path().display().to_string(),
-        read_consistency_ms: 0,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let store = open_store(dir.path()).await;
     let rows = |min: usize| {
         let store = store.clone();
         async move {
@@ -366,13 +360,7 @@ async fn search_finds_keywords_and_paraphrases_and_changed_documents_replace_the
     let fleet = InProc::start(config(&h, dir.path()), &Part::ALL).await;
     let addr = fleet.bound.ingress.unwrap();
     let chunking = ChunkingConfig::default();
-    let store = Store::open(StoreConfig {
-        uri: dir.path().display().to_string(),
-        read_consistency_ms: 0,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let store = open_store(dir.path()).await;
     let stored_hash = |doc_id: &'static str| {
         let store = store.clone();
         async move {

@@ -467,17 +467,27 @@ fn options(
     }
 }
 
+/// Admit and parse a `/v1/chat` or `/v1/chat/stream` body, and publish the turn.
+async fn open_chat(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    body: &Bytes,
+    stream: bool,
+) -> Result<Pending, Problem> {
+    gw.admit(headers)?;
+    let b: ChatBody = parse(body)?;
+    let request = ChatRequested {
+        session_id: b.session_id,
+        message: b.message,
+        options: options(b.k, b.temperature, b.max_tokens, stream),
+    };
+    gw.chat(request).await
+}
+
 async fn chat(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
     let result = async {
-        gw.admit(&headers)?;
-        let b: ChatBody = parse(&body)?;
-        let request = ChatRequested {
-            session_id: b.session_id,
-            message: b.message,
-            options: options(b.k, b.temperature, b.max_tokens, false),
-        };
-        let pending = gw.chat(request).await?;
+        let pending = open_chat(&gw, &headers, &body, false).await?;
         gw.finish(pending).await
     }
     .await;
@@ -604,17 +614,7 @@ fn stream_events(
 
 async fn chat_stream(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
-    let result = async {
-        gw.admit(&headers)?;
-        let b: ChatBody = parse(&body)?;
-        let request = ChatRequested {
-            session_id: b.session_id,
-            message: b.message,
-            options: options(b.k, b.temperature, b.max_tokens, true),
-        };
-        gw.chat(request).await
-    }
-    .await;
+    let result = open_chat(&gw, &headers, &body, true).await;
     let response = match result {
         Ok(pending) => {
             let id = pending.correlation.clone();
