@@ -279,3 +279,179 @@ async fn a_consumer_reconnects_after_the_connection_is_cut() {
     broker_cancel.cancel();
     h.cleanup().await;
 }
+
+bruno_runtime::inputs! {
+    /// Two payload types on one part.
+    enum TwoKinds {
+        Doc(bruno_events::payload::DocumentSubmitted),
+        Failed(bruno_events::payload::ChatFailed),
+    }
+}
+
+/// Records its lifecycle; emits one event before its final outcome.
+struct Lifecycle {
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Lifecycle {
+    fn note(&self, what: impl Into<String>) {
+        self.log.lock().unwrap().push(what.into());
+    }
+}
+
+impl Handler for Lifecycle {
+    type Input = TwoKinds;
+
+    async fn handle(
+        &self,
+        input: Incoming<TwoKinds>,
+        ctx: &Context,
+    ) -> Result<Vec<Event>, HandlerError> {
+        match input.data {
+            TwoKinds::Doc(d) => {
+                self.note(format!("doc {}", d.doc_id));
+                // Streamed before the outcome, confirmed before the ack.
+                let early = bruno_events::reply_event(
+                    &input.event,
+                    &ctx.source,
+                    0,
+                    &bruno_events::payload::ChatFailed {
+                        reason: "early".into(),
+                        message: d.doc_id,
+                    },
+                );
+                ctx.emit(&[early]).await?;
+                Ok(vec![])
+            }
+            TwoKinds::Failed(f) => {
+                self.note(format!("failed {}", f.reason));
+                Ok(vec![])
+            }
+        }
+    }
+
+    async fn start(&self, ctx: &Context) {
+        self.note("start");
+        let log = self.log.clone();
+        ctx.spawn(|stopped| async move {
+            stopped.cancelled().await;
+            log.lock().unwrap().push("background ends".into());
+        });
+    }
+
+    fn tick_every(&self) -> Option<Duration> {
+        Some(Duration::from_millis(50))
+    }
+
+    async fn tick(&self, _ctx: &Context) {
+        let mut log = self.log.lock().unwrap();
+        if !log.iter().any(|l| l == "tick") {
+            log.push("tick".into());
+        }
+    }
+
+    async fn stop(&self, _ctx: &Context) {
+        self.note("stop");
+    }
+}
+
+#[tokio::test]
+async fn one_handler_takes_several_types_with_hooks_and_streamed_outputs() {
+    use bruno_events::EventData;
+    use bruno_events::payload::{ChatFailed, DocumentSubmitted, SearchRequested};
+    let h = Harness::new(vec![
+        bruno_broker::PartSpec::on_types(
+            "multi",
+            &[
+                DocumentSubmitted::TYPE,
+                ChatFailed::TYPE,
+                SearchRequested::TYPE,
+            ],
+        ),
+        bruno_broker::PartSpec::on_types("observer", &[ChatFailed::TYPE]),
+    ])
+    .await;
+    assert_eq!(
+        <TwoKinds as bruno_runtime::FromEvent>::types(),
+        [DocumentSubmitted::TYPE, ChatFailed::TYPE]
+    );
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(bruno_runtime::run_pull(
+        h.broker.clone(),
+        "multi",
+        4,
+        Arc::new(Lifecycle { log: log.clone() }),
+        shutdown.clone(),
+    ));
+    let (recorder, mut seen) = Recorder::new();
+    let obs_stop = CancellationToken::new();
+    let observer = tokio::spawn(bruno_runtime::run_pull(
+        h.broker.clone(),
+        "observer",
+        4,
+        recorder,
+        obs_stop.clone(),
+    ));
+    let failed = bruno_events::new_event(
+        "tests",
+        &ChatFailed {
+            reason: "direct".into(),
+            message: "m".into(),
+        },
+    );
+    // A type the queue is bound on but the handler does not take.
+    let stray = bruno_events::new_event(
+        "tests",
+        &SearchRequested {
+            query: "q".into(),
+            k: 1,
+            filters: Default::default(),
+        },
+    );
+    h.broker
+        .publish_all(&[doc_event("d1"), failed, stray.clone()])
+        .await
+        .unwrap();
+    // The observer sees the direct ChatFailed and the one emitted early.
+    let got = recv_n(&mut seen, 2, Duration::from_secs(10)).await;
+    let reasons: Vec<String> = got
+        .iter()
+        .map(|e| bruno_events::decode_data::<ChatFailed>(e).unwrap().reason)
+        .collect();
+    assert!(reasons.contains(&"early".to_owned()), "{reasons:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.depth(&h.topology.names.dlq("multi")).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the stray type was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let letters = bruno_broker::dlq::list(&h.broker, "multi", 10)
+        .await
+        .unwrap();
+    assert_eq!(letters[0].id, stray.id());
+    assert_eq!(letters[0].code, "unknown_type");
+    assert_eq!(letters[0].attempts, 1, "an unknown type is not retried");
+    while !log.lock().unwrap().iter().any(|l| l == "tick") {
+        assert!(Instant::now() < deadline, "no tick");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    consumer.await.unwrap();
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.first().map(String::as_str), Some("start"), "{log:?}");
+    assert!(log.contains(&"doc d1".to_owned()) && log.contains(&"failed direct".to_owned()));
+    // stop runs after the handling, and the background work ends after stop.
+    let at = |what: &str| log.iter().position(|l| l == what).unwrap();
+    assert_eq!(
+        &log[log.len() - 2..],
+        ["stop", "background ends"],
+        "{log:?}"
+    );
+    assert!(at("doc d1") < at("stop"));
+    obs_stop.cancel();
+    observer.await.unwrap();
+    h.cleanup().await;
+}

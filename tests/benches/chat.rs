@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
-use bruno_cli::{Config, Part, run_parts};
+use bruno_cli::{Config, run_parts};
 use bruno_embed::EmbedderInfo;
 use bruno_generator::LlmConfig;
 use bruno_store::{ChunkRow, DocumentWrite, Store, StoreConfig};
@@ -224,7 +224,7 @@ async fn stages(embedder: &bruno_embed::EmbedderConfig, dir: &tempfile::TempDir,
 #[tokio::main]
 async fn main() {
     let total = env_or("BENCH_TURNS", 320);
-    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    let h = Harness::new(bruno_cli::registry::part_specs()).await;
     let dir = tempfile::tempdir().unwrap();
     // A knowledge base of 2,000 chunks for the retriever.
     let store = Store::open(StoreConfig {
@@ -296,13 +296,7 @@ async fn main() {
     let config_for_stages = config.embedder.clone();
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    const PARTS: [Part; 5] = [
-        Part::Embedder,
-        Part::Writer,
-        Part::Retriever,
-        Part::Generator,
-        Part::Gateway,
-    ];
+    const PARTS: [&str; 5] = ["embedder", "writer", "retriever", "generator", "gateway"];
     tokio::spawn(run_parts(config, &PARTS, shutdown.clone(), Some(tx)));
     let gateway = rx.await.unwrap().gateway.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -21,12 +21,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use bruno_cli::{Config, Part, run_parts};
+use bruno_cli::{Config, run_parts};
 use bruno_embed::{Embedder, EmbedderInfo, MiniLm, default_model_dir};
 use bruno_embedder::{ChunkingConfig, split};
 use bruno_events::payload::{
-    DocFormat, DocumentSubmitted, MemoryRow, MemoryWrite, SearchCompleted, SearchFilters,
-    SearchRequested, Table,
+    ChunkRecord, ChunkWrite, DocFormat, DocumentSubmitted, MemoryWrite, SearchCompleted,
+    SearchFilters, SearchRequested,
 };
 use bruno_events::{EventData, new_event};
 use bruno_store::{ChunkRow, DocumentWrite, Store, StoreConfig};
@@ -124,12 +124,12 @@ fn config(h: &Harness, dir: &std::path::Path) -> Config {
     c
 }
 
-async fn start(config: Config, parts: &[Part]) -> (CancellationToken, bruno_cli::Bound) {
+async fn start(config: Config, parts: &[&str]) -> (CancellationToken, bruno_cli::Bound) {
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let parts = parts.to_vec();
     let stop = shutdown.clone();
-    tokio::spawn(async move { run_parts(config, &parts, stop, Some(tx)).await.unwrap() });
+    let run = run_parts(config, parts, stop, Some(tx));
+    tokio::spawn(async move { run.await.unwrap() });
     (shutdown, rx.await.unwrap())
 }
 
@@ -155,26 +155,24 @@ async fn writer_bench(h: &Harness) {
             let rows = ids
                 .iter()
                 .enumerate()
-                .map(|(i, id)| MemoryRow {
+                .map(|(i, id)| ChunkRecord {
                     id: id.clone(),
+                    chunk_index: i as u32,
                     text: text(d * 2 + i, 150),
                     vector: unit(d * 2 + i, 384),
-                    metadata: BTreeMap::from([
-                        ("source".to_owned(), serde_json::json!("bench")),
-                        ("chunk_index".to_owned(), serde_json::json!(i)),
-                    ]),
                 })
                 .collect();
             new_event(
                 "bench",
-                &MemoryWrite {
-                    table: Table::Chunks,
-                    rows,
+                &MemoryWrite::Chunks(ChunkWrite {
                     embedder: info(),
-                    doc_id: Some(doc_id),
-                    chunk_ids: Some(ids),
-                    content_hash: Some("h".into()),
-                },
+                    doc_id,
+                    source: "bench".into(),
+                    title: None,
+                    content_hash: "h".into(),
+                    chunk_ids: ids,
+                    rows,
+                }),
             )
         })
         .collect();
@@ -182,7 +180,7 @@ async fn writer_bench(h: &Harness) {
         h.broker.publish_all(batch).await.unwrap();
     }
     let started = Instant::now();
-    let (stop, bound) = start(config(h, dir.path()), &[Part::Writer]).await;
+    let (stop, bound) = start(config(h, dir.path()), &["writer"]).await;
     let store = open_store(dir.path()).await;
     loop {
         if let Some(t) = store.existing_chunks(&info()).await.unwrap()
@@ -269,7 +267,7 @@ async fn search_bench(h: &Harness, model: &MiniLm) {
         table.search(&v[0], t, 5, &filters).await.unwrap();
         with_embed.record(s.elapsed().as_micros() as u64).unwrap();
     }
-    let (stop, _) = start(config(h, dir.path()), &[Part::Retriever]).await;
+    let (stop, _) = start(config(h, dir.path()), &["retriever"]).await;
     let ask = |t: &String| {
         let request = new_event(
             "bench",
@@ -332,7 +330,7 @@ async fn end_to_end(h: &Harness, model: &MiniLm) {
     let raw = chunks.len() as f64 / started.elapsed().as_secs_f64();
 
     let dir = tempfile::tempdir().unwrap();
-    let (stop, bound) = start(config(h, dir.path()), &Part::ALL).await;
+    let (stop, bound) = start(config(h, dir.path()), &bruno_cli::registry::runnable()).await;
     let ingress = bound.ingress.unwrap();
     let client = reqwest::Client::new();
     let started = Instant::now();
@@ -371,11 +369,11 @@ async fn end_to_end(h: &Harness, model: &MiniLm) {
 #[tokio::main]
 async fn main() {
     let model = MiniLm::load(&default_model_dir()).expect("model (scripts/fetch-model.sh)");
-    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    let h = Harness::new(bruno_cli::registry::part_specs()).await;
     writer_bench(&h).await;
-    let h2 = Harness::new(bruno_runtime::fleet::parts()).await;
+    let h2 = Harness::new(bruno_cli::registry::part_specs()).await;
     search_bench(&h2, &model).await;
-    let h3 = Harness::new(bruno_runtime::fleet::parts()).await;
+    let h3 = Harness::new(bruno_cli::registry::part_specs()).await;
     end_to_end(&h3, &model).await;
     h.cleanup().await;
     h2.cleanup().await;

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bruno_broker::{Broker, BrokerConfig, BrokerMetrics, PartSpec, Secret, Topology};
+use bruno_broker::{Broker, BrokerConfig, BrokerMetrics, PartSpec, Topology};
+use bruno_core::Secret;
 use bruno_events::{AttributesReader, Event};
 use bruno_ingress::{Ingress, IngressConfig, IngressMetrics};
 use bruno_runtime::{Context, Handler, HandlerError, Incoming, Raw};

@@ -43,6 +43,16 @@ pub enum PublishError {
     Codec(#[from] CodecError),
 }
 
+impl bruno_core::Classify for PublishError {
+    fn code(&self) -> bruno_core::ErrorCode {
+        match self {
+            // An event this process built that cannot be encoded is a bug.
+            Self::Codec(_) => bruno_core::ErrorCode::Internal,
+            _ => bruno_core::ErrorCode::Dependency,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
     #[error("connecting: {0}")]

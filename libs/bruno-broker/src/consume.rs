@@ -17,74 +17,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use bruno_core::ErrorCode;
+
 use crate::codec::{self, header_u32};
 use crate::{Broker, headers};
-
-/// The small fixed set of error codes (metric labels and DLQ headers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorCode {
-    /// The message is not a valid CloudEvent.
-    InvalidEvent,
-    /// The event's data does not match its type's payload.
-    InvalidPayload,
-    /// The event's type is not one this part handles.
-    UnknownType,
-    /// A dependency (LLM, store, broker) failed or is unreachable.
-    Dependency,
-    /// Something took too long.
-    Timeout,
-    /// A bug: a panic or an unexpected state.
-    Internal,
-}
-
-impl ErrorCode {
-    /// The wire and label form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::InvalidEvent => "invalid_event",
-            Self::InvalidPayload => "invalid_payload",
-            Self::UnknownType => "unknown_type",
-            Self::Dependency => "dependency",
-            Self::Timeout => "timeout",
-            Self::Internal => "internal",
-        }
-    }
-
-    /// Parse the wire form.
-    pub fn parse(s: &str) -> Option<Self> {
-        [
-            Self::InvalidEvent,
-            Self::InvalidPayload,
-            Self::UnknownType,
-            Self::Dependency,
-            Self::Timeout,
-            Self::Internal,
-        ]
-        .into_iter()
-        .find(|c| c.as_str() == s)
-    }
-
-    /// The one place that decides retry versus dead letter: bad input can
-    /// never succeed, so it is dead-lettered at once; everything else is
-    /// worth another attempt.
-    pub fn disposition(self, reason: impl Into<String>) -> Disposition {
-        let reason = reason.into();
-        match self {
-            Self::InvalidEvent | Self::InvalidPayload | Self::UnknownType => {
-                Disposition::DeadLetter { code: self, reason }
-            }
-            Self::Dependency | Self::Timeout | Self::Internal => {
-                Disposition::Retry { code: self, reason }
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// What to do with a consumed message.
 #[derive(Debug)]
@@ -105,6 +41,19 @@ pub enum Disposition {
         /// Human-readable reason.
         reason: String,
     },
+}
+
+impl Disposition {
+    /// A failure: dead-lettered at once when its code is permanent
+    /// ([`ErrorCode::is_permanent`]), else retried.
+    pub fn failed(code: ErrorCode, reason: impl Into<String>) -> Self {
+        let reason = reason.into();
+        if code.is_permanent() {
+            Self::DeadLetter { code, reason }
+        } else {
+            Self::Retry { code, reason }
+        }
+    }
 }
 
 /// Delivery facts a processor may use.
@@ -353,38 +302,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bad_input_is_dead_lettered_everything_else_retried() {
-        for code in [
-            ErrorCode::InvalidEvent,
-            ErrorCode::InvalidPayload,
-            ErrorCode::UnknownType,
-        ] {
-            assert!(
-                matches!(code.disposition("x"), Disposition::DeadLetter { .. }),
-                "{code}"
-            );
+    fn permanent_failures_are_dead_lettered_others_retried() {
+        for code in ErrorCode::ALL {
+            let d = Disposition::failed(code, "x");
+            if code.is_permanent() {
+                assert!(matches!(d, Disposition::DeadLetter { .. }), "{code}");
+            } else {
+                assert!(matches!(d, Disposition::Retry { .. }), "{code}");
+            }
         }
-        for code in [
-            ErrorCode::Dependency,
-            ErrorCode::Timeout,
-            ErrorCode::Internal,
-        ] {
-            assert!(
-                matches!(code.disposition("x"), Disposition::Retry { .. }),
-                "{code}"
-            );
-        }
-    }
-
-    #[test]
-    fn codes_round_trip() {
-        for code in [
-            ErrorCode::InvalidEvent,
-            ErrorCode::Dependency,
-            ErrorCode::Internal,
-        ] {
-            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
-        }
-        assert_eq!(ErrorCode::parse("nope"), None);
     }
 }

@@ -20,9 +20,9 @@ mod metrics;
 pub mod reply;
 mod topology;
 
-pub use config::{BrokerConfig, Secret};
+pub use config::BrokerConfig;
 pub use connection::{Broker, PublishError};
-pub use consume::{Delivered, Disposition, ErrorCode, Processor, consume};
+pub use consume::{Delivered, Disposition, Processor, consume};
 pub use metrics::BrokerMetrics;
 pub use topology::manifests::render as topology_manifests;
 pub use topology::{Names, PartSpec, Topology};

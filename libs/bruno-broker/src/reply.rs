@@ -8,6 +8,7 @@ use bruno_events::{AttributesReader, Event, ExtensionValue, ext};
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use prometheus_client::metrics::counter::Counter;
 
 use crate::{Broker, codec};
 
@@ -31,7 +32,7 @@ fn broker_err(e: impl std::fmt::Display) -> RequestError {
 /// [`Inbox`] lives for the call.
 pub async fn request(
     broker: &Broker,
-    mut request: Event,
+    request: Event,
     reply_types: &[&str],
     timeout: Duration,
 ) -> Result<Event, RequestError> {
@@ -42,7 +43,6 @@ pub async fn request(
         stop.clone(),
     );
     let deadline = tokio::time::Instant::now() + timeout;
-    let correlation = uuid::Uuid::new_v4().to_string();
     let result = async {
         while !inbox.is_ready() {
             if tokio::time::Instant::now() >= deadline {
@@ -52,9 +52,8 @@ pub async fn request(
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        inbox.address(&mut request, &correlation);
-        let mut registration = inbox.register(&correlation);
-        broker.publish(&request).await.map_err(broker_err)?;
+        let (correlation, mut registration) =
+            inbox.send(broker, request).await.map_err(broker_err)?;
         loop {
             match tokio::time::timeout_at(deadline, registration.replies.recv()).await {
                 Err(_) => return Err(RequestError::Timeout(timeout, correlation.clone())),
@@ -87,7 +86,7 @@ struct InboxInner {
     id: String,
     waiters: Waiters,
     ready: std::sync::atomic::AtomicBool,
-    late: std::sync::atomic::AtomicU64,
+    late: Counter,
 }
 
 /// One process's reply queue: exclusive and auto-delete, bound on
@@ -123,11 +122,23 @@ impl Inbox {
         reply_types: Vec<String>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
+        Self::start_counting(broker, reply_types, Counter::default(), shutdown)
+    }
+
+    /// Like [`Inbox::start`], counting late or unknown replies in `late`
+    /// (a counter the caller may already have registered: clones share
+    /// their value).
+    pub fn start_counting(
+        broker: Broker,
+        reply_types: Vec<String>,
+        late: Counter,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
         let inner = std::sync::Arc::new(InboxInner {
             id: format!("inbox-{}", uuid::Uuid::new_v4()),
             waiters: Waiters::default(),
             ready: std::sync::atomic::AtomicBool::new(false),
-            late: std::sync::atomic::AtomicU64::new(0),
+            late,
         });
         let inbox = Self { inner };
         tokio::spawn(inbox.clone().run(broker, reply_types, shutdown));
@@ -146,7 +157,7 @@ impl Inbox {
 
     /// Replies dropped because nobody waited for them.
     pub fn late_replies(&self) -> u64 {
-        self.inner.late.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.late.get()
     }
 
     /// Wait for replies to `correlation` (register before publishing).
@@ -171,6 +182,23 @@ impl Inbox {
         );
     }
 
+    /// Send `request` under a fresh correlation id: address it to this
+    /// inbox, register its waiter (before publishing, so a fast reply
+    /// cannot arrive unregistered), then publish it. Returns the
+    /// correlation id and the registration that receives the replies; on a
+    /// publish error the registration is dropped again.
+    pub async fn send(
+        &self,
+        broker: &Broker,
+        mut request: Event,
+    ) -> Result<(String, Registration), crate::PublishError> {
+        let correlation = uuid::Uuid::new_v4().to_string();
+        self.address(&mut request, &correlation);
+        let registration = self.register(&correlation);
+        broker.publish(&request).await?;
+        Ok((correlation, registration))
+    }
+
     fn lose_all(&self) {
         self.inner
             .ready
@@ -184,9 +212,7 @@ impl Inbox {
 
     fn deliver(&self, event: Event) {
         let Some(correlation) = bruno_events::correlation_id(&event).map(str::to_owned) else {
-            self.inner
-                .late
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.late.inc();
             return;
         };
         let sent = match self.inner.waiters.lock() {
@@ -197,9 +223,7 @@ impl Inbox {
             Err(_) => false,
         };
         if !sent {
-            self.inner
-                .late
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.late.inc();
             tracing::debug!(%correlation, "reply nobody waits for: dropped");
         }
     }

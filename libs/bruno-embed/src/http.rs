@@ -111,13 +111,18 @@ impl Embedder for Ollama {
 pub struct OpenAi {
     client: reqwest::Client,
     url: String,
-    api_key: Option<String>,
+    api_key: Option<bruno_core::Secret>,
     info: EmbedderInfo,
 }
 
 impl OpenAi {
     /// A client for `model` (of `dimension`) at `url` (without `/v1`).
-    pub fn new(url: &str, model: &str, dimension: u32, api_key: Option<String>) -> Self {
+    pub fn new(
+        url: &str,
+        model: &str,
+        dimension: u32,
+        api_key: Option<bruno_core::Secret>,
+    ) -> Self {
         Self {
             client: client(),
             url: url.trim_end_matches('/').trim_end_matches("/v1").to_owned(),
@@ -155,7 +160,7 @@ impl Embedder for OpenAi {
             .post(format!("{}/v1/embeddings", self.url))
             .json(&json!({ "model": self.info.model, "input": texts, "encoding_format": "float" }));
         if let Some(key) = &self.api_key {
-            request = request.bearer_auth(key);
+            request = request.bearer_auth(key.expose());
         }
         let mut body: OpenAiEmbeddings = post(request)
             .await?

@@ -38,10 +38,15 @@ pub enum EmbedError {
     BadResponse(String),
 }
 
-impl EmbedError {
-    /// True when a later attempt may succeed.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+impl bruno_core::Classify for EmbedError {
+    fn code(&self) -> bruno_core::ErrorCode {
+        use bruno_core::ErrorCode;
+        match self {
+            Self::Unavailable(_) => ErrorCode::Dependency,
+            // The same texts would get the same unusable answer.
+            Self::BadResponse(_) => ErrorCode::BadResponse,
+            Self::Model(_) | Self::Inference(_) => ErrorCode::Internal,
+        }
     }
 }
 
@@ -85,7 +90,7 @@ pub enum EmbedderConfig {
         dimension: u32,
         /// Bearer token, if the server wants one.
         #[serde(default)]
-        api_key: Option<String>,
+        api_key: Option<bruno_core::Secret>,
     },
 }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::routing::post;
+use bruno_core::Classify;
 use bruno_embed::{EmbedError, Embedder, MiniLm, Ollama, OpenAi, cosine};
 use serde_json::{Value, json};
 
@@ -209,18 +210,18 @@ async fn openai_wire_format_and_failures() {
         .embed(&["x".into()])
         .await
         .unwrap_err();
-    assert!(err.is_retryable(), "{err}");
+    assert!(!err.is_permanent(), "{err}");
     let err = Ollama::new(&flaky, "m", 2)
         .embed(&["x".into()])
         .await
         .unwrap_err();
     assert!(
-        !err.is_retryable() && err.to_string().contains("model not found"),
+        err.is_permanent() && err.to_string().contains("model not found"),
         "{err}"
     );
     let err = Ollama::new("http://127.0.0.1:1", "m", 2)
         .embed(&["x".into()])
         .await
         .unwrap_err();
-    assert!(err.is_retryable(), "{err}");
+    assert!(!err.is_permanent(), "{err}");
 }

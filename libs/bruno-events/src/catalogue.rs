@@ -1,6 +1,7 @@
 use schemars::JsonSchema;
 use serde::{Serialize, de::DeserializeOwned};
 
+use crate::legacy::MemoryWriteV1;
 use crate::{Event, ValidationError, decode_data, payload::*};
 
 /// A catalogue payload: its struct is the event's `data`.
@@ -21,10 +22,9 @@ pub struct CatalogueEntry {
     pub ty: &'static str,
     /// What the event means.
     pub summary: &'static str,
-    /// Who emits it.
+    /// Who emits it. (Who consumes it is the part registry's to say: each
+    /// part's handler declares the types it takes.)
     pub producers: &'static [&'static str],
-    /// Who consumes it.
-    pub consumers: &'static [&'static str],
     /// JSON Schema of `data`.
     pub schema: fn() -> schemars::Schema,
     /// Decode and check `data` of an event of this type.
@@ -52,7 +52,7 @@ fn non_empty(field: &str, value: &str) -> Result<(), ValidationError> {
 }
 
 macro_rules! catalogue {
-    ($( $ty:ident => $name:literal, $summary:literal, [$($p:literal),*] -> [$($c:literal),*]; )*) => {
+    ($( $ty:ident => $name:literal, $summary:literal, [$($p:literal),*]; )*) => {
         $(
             impl EventData for $ty {
                 const TYPE: &'static str = $name;
@@ -67,7 +67,6 @@ macro_rules! catalogue {
                 ty: $name,
                 summary: $summary,
                 producers: &[$($p),*],
-                consumers: &[$($c),*],
                 schema: || schemars::schema_for!($ty),
                 check: check::<$ty>,
             },)*
@@ -76,19 +75,20 @@ macro_rules! catalogue {
 }
 
 catalogue! {
-    DocumentSubmitted => "bruno.document.submitted.v1", "a document to add to or replace in the knowledge base", ["producer", "bruno ingest"] -> ["embedder"];
-    MemoryWrite => "bruno.memory.write.v1", "rows with vectors for the single LanceDB writer", ["embedder"] -> ["writer"];
-    DocumentIndexed => "bruno.document.indexed.v1", "the writer committed a document's chunks", ["writer"] -> [];
-    SearchRequested => "bruno.search.requested.v1", "a knowledge-base search awaiting a correlated reply", ["gateway"] -> ["retriever"];
-    SearchCompleted => "bruno.search.completed.v1", "the hits of a search", ["retriever"] -> ["gateway"];
-    ChatRequested => "bruno.chat.requested.v1", "one user turn of a conversation", ["gateway"] -> ["retriever"];
-    ChatContextualized => "bruno.chat.contextualized.v1", "a chat turn with retrieved passages and memory", ["retriever"] -> ["generator"];
-    ChatDelta => "bruno.chat.delta.v1", "a streamed piece of an answer", ["generator"] -> ["gateway"];
-    ChatCompleted => "bruno.chat.completed.v1", "the final answer of a turn", ["generator"] -> ["gateway", "embedder"];
-    ChatFailed => "bruno.chat.failed.v1", "a turn that could not be answered", ["retriever", "generator"] -> ["gateway"];
-    BackupRequested => "bruno.backup.requested.v1", "take a backup of the LanceDB tables", ["PingSource", "cron", "bruno backup"] -> ["backup"];
-    BackupCompleted => "bruno.backup.completed.v1", "a verified backup exists", ["backup"] -> [];
-    BackupFailed => "bruno.backup.failed.v1", "a backup could not be taken", ["backup"] -> [];
+    DocumentSubmitted => "bruno.document.submitted.v1", "a document to add to or replace in the knowledge base", ["producer", "bruno ingest"];
+    MemoryWrite => "bruno.memory.write.v2", "typed rows with vectors for the single LanceDB writer", ["embedder"];
+    MemoryWriteV1 => "bruno.memory.write.v1", "retired: untyped rows for the writer (still read, no longer produced)", ["embedder before v2"];
+    DocumentIndexed => "bruno.document.indexed.v1", "the writer committed a document's chunks", ["writer"];
+    SearchRequested => "bruno.search.requested.v1", "a knowledge-base search awaiting a correlated reply", ["gateway"];
+    SearchCompleted => "bruno.search.completed.v1", "the hits of a search", ["retriever"];
+    ChatRequested => "bruno.chat.requested.v1", "one user turn of a conversation", ["gateway"];
+    ChatContextualized => "bruno.chat.contextualized.v1", "a chat turn with retrieved passages and memory", ["retriever"];
+    ChatDelta => "bruno.chat.delta.v1", "a streamed piece of an answer", ["generator"];
+    ChatCompleted => "bruno.chat.completed.v1", "the final answer of a turn", ["generator"];
+    ChatFailed => "bruno.chat.failed.v1", "a turn that could not be answered", ["retriever", "generator"];
+    BackupRequested => "bruno.backup.requested.v1", "take a backup of the LanceDB tables", ["PingSource", "cron", "bruno backup"];
+    BackupCompleted => "bruno.backup.completed.v1", "a verified backup exists", ["backup"];
+    BackupFailed => "bruno.backup.failed.v1", "a backup could not be taken", ["backup"];
 }
 
 /// Payload checks beyond the JSON Schema, one function per payload.
@@ -101,21 +101,47 @@ mod extra_checks {
         non_empty("data.source", &d.source)?;
         non_empty("data.text", &d.text)
     }
+    fn vector(field: String, v: &[f32], e: &EmbedderInfo) -> Result<(), ValidationError> {
+        if v.len() != e.dimension as usize {
+            return Err(ValidationError::new(
+                field,
+                format!("has {} dimensions, embedder says {}", v.len(), e.dimension),
+            ));
+        }
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(ValidationError::new(field, "holds a non-finite number"));
+        }
+        Ok(())
+    }
     pub fn MemoryWrite(d: &MemoryWrite) -> Result<(), ValidationError> {
-        for (i, row) in d.rows.iter().enumerate() {
-            non_empty(&format!("data.rows[{i}].id"), &row.id)?;
-            if row.vector.len() != d.embedder.dimension as usize {
-                return Err(ValidationError::new(
-                    format!("data.rows[{i}].vector"),
-                    format!(
-                        "has {} dimensions, embedder says {}",
-                        row.vector.len(),
-                        d.embedder.dimension
-                    ),
-                ));
+        match d {
+            MemoryWrite::Chunks(w) => {
+                non_empty("data.doc_id", &w.doc_id)?;
+                non_empty("data.source", &w.source)?;
+                non_empty("data.content_hash", &w.content_hash)?;
+                for (i, row) in w.rows.iter().enumerate() {
+                    non_empty(&format!("data.rows[{i}].id"), &row.id)?;
+                    if !w.chunk_ids.contains(&row.id) {
+                        return Err(ValidationError::new(
+                            format!("data.rows[{i}].id"),
+                            format!("row {} is not in chunk_ids", row.id),
+                        ));
+                    }
+                    vector(format!("data.rows[{i}].vector"), &row.vector, &w.embedder)?;
+                }
+            }
+            MemoryWrite::Conversations(w) => {
+                for (i, row) in w.rows.iter().enumerate() {
+                    non_empty(&format!("data.rows[{i}].id"), &row.id)?;
+                    non_empty(&format!("data.rows[{i}].session_id"), &row.session_id)?;
+                    vector(format!("data.rows[{i}].vector"), &row.vector, &w.embedder)?;
+                }
             }
         }
         Ok(())
+    }
+    pub fn MemoryWriteV1(d: &MemoryWriteV1) -> Result<(), ValidationError> {
+        super::MemoryWrite::try_from(d.clone())?.check()
     }
     pub fn DocumentIndexed(_: &DocumentIndexed) -> Result<(), ValidationError> {
         Ok(())
@@ -184,7 +210,7 @@ mod tests {
             );
             assert!(seen.insert(e.ty), "duplicate {}", e.ty);
         }
-        assert_eq!(catalogue().len(), 13);
+        assert_eq!(catalogue().len(), 14);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod asyncapi;
 mod build;
 mod catalogue;
+pub mod legacy;
 pub mod payload;
 mod validate;
 

@@ -56,39 +56,120 @@ pub struct EmbedderInfo {
     pub dimension: u32,
 }
 
-/// One row to upsert, keyed by a deterministic id.
+/// `bruno.memory.write.v2`: rows with vectors for the single LanceDB
+/// writer, typed per table (the JSON form carries `"table": "chunks"` or
+/// `"table": "conversations"` beside the fields of that variant).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct MemoryRow {
-    /// Deterministic row id (so a redelivered write is a no-op).
-    pub id: String,
-    /// The text that was embedded.
-    pub text: String,
-    /// The embedding.
-    pub vector: Vec<f32>,
-    /// Table-specific columns (doc_id, source, title, session_id, role, ...).
-    #[serde(default)]
-    pub metadata: BTreeMap<String, serde_json::Value>,
+#[serde(tag = "table", rename_all = "lowercase")]
+pub enum MemoryWrite {
+    /// Chunks of one document version for the knowledge base.
+    Chunks(ChunkWrite),
+    /// Conversation turns for memory.
+    Conversations(TurnWrite),
 }
 
-/// `bruno.memory.write.v1`: rows with vectors for the single LanceDB writer.
+impl MemoryWrite {
+    /// The target table.
+    pub fn table(&self) -> Table {
+        match self {
+            Self::Chunks(_) => Table::Chunks,
+            Self::Conversations(_) => Table::Conversations,
+        }
+    }
+    /// The embedder that filled the rows.
+    pub fn embedder(&self) -> &EmbedderInfo {
+        match self {
+            Self::Chunks(w) => &w.embedder,
+            Self::Conversations(w) => &w.embedder,
+        }
+    }
+}
+
+/// Chunks of one document version. Chunks of the document not in
+/// `chunk_ids` are removed by the same commit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct MemoryWrite {
-    /// Target table.
-    pub table: Table,
-    /// Rows to upsert.
-    pub rows: Vec<MemoryRow>,
+pub struct ChunkWrite {
     /// The embedder that filled `rows`.
     pub embedder: EmbedderInfo,
-    /// For `chunks`: the document the rows belong to.
+    /// The document.
+    pub doc_id: String,
+    /// The document's source.
+    pub source: String,
+    /// The document's title.
     #[serde(default)]
-    pub doc_id: Option<String>,
-    /// For `chunks`: the document's full chunk-id set; other chunks of the doc are removed.
-    #[serde(default)]
-    pub chunk_ids: Option<Vec<String>>,
-    /// For `chunks`: content hash of the document version.
-    #[serde(default)]
-    pub content_hash: Option<String>,
+    pub title: Option<String>,
+    /// Content hash of the document version.
+    pub content_hash: String,
+    /// The document's full chunk-id set (a long document's chunks come in
+    /// several messages; each carries the whole set).
+    pub chunk_ids: Vec<String>,
+    /// Chunks to upsert.
+    pub rows: Vec<ChunkRecord>,
+}
+
+/// One chunk of a document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkRecord {
+    /// Deterministic chunk id (one of the write's `chunk_ids`).
+    pub id: String,
+    /// Position in the document.
+    pub chunk_index: u32,
+    /// The chunk's text, as embedded.
+    pub text: String,
+    /// Its unit-length embedding.
+    pub vector: Vec<f32>,
+}
+
+/// Who said a conversation turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The person asking.
+    User,
+    /// Bruno.
+    Assistant,
+}
+
+impl Role {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Assistant => "assistant",
+        }
+    }
+}
+
+/// Conversation turns to remember.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TurnWrite {
+    /// The embedder that filled `rows`.
+    pub embedder: EmbedderInfo,
+    /// Turns to upsert.
+    pub rows: Vec<TurnRecord>,
+}
+
+/// One turn (a question or an answer) of a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TurnRecord {
+    /// Deterministic id (from the turn's correlation id and role).
+    pub id: String,
+    /// The session.
+    pub session_id: String,
+    /// Who said it.
+    pub role: Role,
+    /// The correlation id of the chat turn.
+    pub correlation_id: String,
+    /// When it was said.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// What was said, as embedded.
+    pub text: String,
+    /// Its unit-length embedding.
+    pub vector: Vec<f32>,
 }
 
 /// `bruno.document.indexed.v1`: the writer committed a document's chunks.

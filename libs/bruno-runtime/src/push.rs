@@ -12,7 +12,6 @@ use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use bruno_broker::Disposition;
 use http::{HeaderMap, StatusCode};
 
 use crate::handler::invoke;
@@ -54,7 +53,7 @@ async fn deliver<H: Handler>(
                 Some(reply) => (StatusCode::OK, reply).into_response(),
                 None => StatusCode::ACCEPTED.into_response(),
             },
-            _ => match &ctx.broker {
+            _ => match ctx.broker() {
                 // Knative takes one reply event; more go through the broker.
                 Some(broker) => match broker.publish_all(&outputs).await {
                     Ok(()) => StatusCode::ACCEPTED.into_response(),
@@ -71,19 +70,21 @@ async fn deliver<H: Handler>(
                 .into_response(),
             },
         },
-        Err(e) => match e.code.disposition(e.message) {
-            Disposition::DeadLetter { code, reason } => {
-                Problem::new(StatusCode::BAD_REQUEST, code.as_str(), reason).into_response()
+        Err(e) if e.is_permanent() => {
+            Problem::new(StatusCode::BAD_REQUEST, e.code.as_str(), e.message).into_response()
+        }
+        Err(e) => match e.code {
+            ErrorCode::Timeout => {
+                Problem::new(StatusCode::GATEWAY_TIMEOUT, e.code.as_str(), e.message)
+                    .into_response()
             }
-            Disposition::Retry { code, reason } => match code {
-                ErrorCode::Timeout => {
-                    Problem::new(StatusCode::GATEWAY_TIMEOUT, code.as_str(), reason).into_response()
-                }
-                ErrorCode::Dependency => Problem::unavailable(reason, 1).into_response(),
-                _ => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, code.as_str(), reason)
-                    .into_response(),
-            },
-            Disposition::Ack(_) => StatusCode::ACCEPTED.into_response(),
+            ErrorCode::Dependency => Problem::unavailable(e.message, 1).into_response(),
+            _ => Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.code.as_str(),
+                e.message,
+            )
+            .into_response(),
         },
     }
 }

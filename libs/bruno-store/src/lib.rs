@@ -87,6 +87,19 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl bruno_core::Classify for StoreError {
+    fn code(&self) -> bruno_core::ErrorCode {
+        use bruno_core::ErrorCode;
+        match self {
+            // The input can never be stored: rows of another embedder, or
+            // rows that do not fit the table.
+            Self::EmbedderMismatch { .. } | Self::InvalidRow(_) => ErrorCode::InvalidPayload,
+            Self::Corrupt(_) => ErrorCode::Internal,
+            Self::Lance(_) | Self::Arrow(_) => ErrorCode::Dependency,
+        }
+    }
+}
+
 /// A connection to Bruno's LanceDB database.
 #[derive(Clone)]
 pub struct Store {

@@ -8,21 +8,23 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bruno_broker::{Broker, BrokerConfig, BrokerMetrics, Topology};
 use bruno_embed::{AnyEmbedder, EmbedderConfig};
-use bruno_embedder::{ChunkingConfig, EmbedderMetrics, EmbedderService};
-use bruno_gateway::{Gateway, GatewayConfig, GatewayMetrics};
-use bruno_generator::{Generator, GeneratorConfig, GeneratorMetrics};
-use bruno_ingress::{Ingress, IngressConfig, IngressMetrics};
-use bruno_retriever::{Retriever, RetrieverConfig, RetrieverMetrics};
+use bruno_embedder::ChunkingConfig;
+use bruno_gateway::GatewayConfig;
+use bruno_generator::GeneratorConfig;
+use bruno_ingress::IngressConfig;
+use bruno_retriever::RetrieverConfig;
 use bruno_runtime::admin::{self, Readiness, serve};
 use bruno_store::{Store, StoreConfig};
-use bruno_writer::{Writer, WriterConfig, WriterMetrics};
+use bruno_writer::WriterConfig;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub mod ingest;
+pub mod registry;
+
+use registry::{Build, Stage, Started};
 
 /// The whole configuration: defaults < `--config` file < `BRUNO_*` env.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -76,46 +78,6 @@ impl Default for ConsumersConfig {
     }
 }
 
-/// A part this process can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Part {
-    /// The HTTP ingress.
-    Ingress,
-    /// document.submitted / chat.completed → memory.write.
-    Embedder,
-    /// memory.write → LanceDB.
-    Writer,
-    /// search.requested / chat.requested → replies.
-    Retriever,
-    /// chat.contextualized → the LLM → chat.delta, chat.completed.
-    Generator,
-    /// The chat gateway (HTTP, awaits correlated replies).
-    Gateway,
-}
-
-impl Part {
-    /// Every part `bruno dev` runs.
-    pub const ALL: [Part; 6] = [
-        Part::Ingress,
-        Part::Embedder,
-        Part::Writer,
-        Part::Retriever,
-        Part::Generator,
-        Part::Gateway,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Part::Ingress => "ingress",
-            Part::Embedder => "embedder",
-            Part::Writer => "writer",
-            Part::Retriever => "retriever",
-            Part::Generator => "generator",
-            Part::Gateway => "gateway",
-        }
-    }
-}
-
 /// `[admin]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -160,7 +122,7 @@ pub fn start_broker(
 ) -> Broker {
     let metrics = BrokerMetrics::default();
     metrics.register(registry);
-    let topology = Topology::new(config, bruno_runtime::fleet::parts());
+    let topology = Topology::new(config, registry::part_specs());
     Broker::start(config.clone(), topology, name, metrics, cancel)
 }
 
@@ -181,34 +143,55 @@ pub async fn run_ingress(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> anyhow::Result<()> {
-    run_parts(config, &[Part::Ingress], shutdown, ready).await
+    run_parts(config, &["ingress"], shutdown, ready).await
 }
 
-/// Run `parts` in this process (with one admin server) until `shutdown`;
-/// `ready` gets the bound addresses once everything listens and consumes.
-/// Consumers finish their in-flight messages, the writer commits what it
-/// holds, and the broker connection closes last.
-pub async fn run_parts(
+/// A part running in this process.
+struct Running {
+    stage: Stage,
+    /// An HTTP part's `stop` fires after its server finished its requests
+    /// (the gateway's inbox must outlive them); a consumer's fires first.
+    http: bool,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Run the named parts (see [`registry`]) in this process, with one broker
+/// connection and one admin server, until `shutdown`; `ready` gets the
+/// bound addresses once everything listens and consumes. On shutdown the
+/// parts stop stage by stage ([`Stage`]): HTTP fronts stop taking
+/// requests, consumers finish their in-flight messages, the writer commits
+/// what it holds; the broker connection closes last.
+pub fn run_parts(
     config: Config,
-    parts: &[Part],
+    names: &[&str],
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static {
+    let parts = registry::select(names);
+    run_selected(config, parts, shutdown, ready)
+}
+
+async fn run_selected(
+    config: Config,
+    parts: anyhow::Result<Vec<&'static registry::PartEntry>>,
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> anyhow::Result<()> {
-    let name = match parts {
-        [one] => format!("bruno-{}", one.name()),
+    let parts = parts?;
+    anyhow::ensure!(!parts.is_empty(), "no part to run");
+    let name = match parts.as_slice() {
+        [one] => format!("bruno-{}", one.name),
         _ => "bruno-dev".to_owned(),
     };
     let broker_cancel = CancellationToken::new();
-    let mut registry = Registry::default();
-    let broker = start_broker(&config.broker, &name, &mut registry, broker_cancel.clone());
-    let readiness = Readiness::new().check("broker", {
+    let mut metrics = Registry::default();
+    let broker = start_broker(&config.broker, &name, &mut metrics, broker_cancel.clone());
+    let mut readiness = Readiness::new().check("broker", {
         let broker = broker.clone();
         move || broker.is_connected()
     });
-    let needs_model = parts
-        .iter()
-        .any(|p| matches!(p, Part::Embedder | Part::Retriever));
-    let embedder = if needs_model {
+    let model = if parts.iter().any(|p| p.needs_model) {
         let config = config.embedder.clone();
         let model = tokio::task::spawn_blocking(move || AnyEmbedder::from_config(&config))
             .await?
@@ -219,10 +202,7 @@ pub async fn run_parts(
     } else {
         None
     };
-    let needs_store = parts
-        .iter()
-        .any(|p| matches!(p, Part::Embedder | Part::Writer | Part::Retriever));
-    let store = if needs_store {
+    let store = if parts.iter().any(|p| p.needs_store) {
         Some(
             Store::open(config.store.clone())
                 .await
@@ -232,144 +212,104 @@ pub async fn run_parts(
         None
     };
 
-    let mut consumers = JoinSet::new();
-    let consumers_stop = CancellationToken::new();
-    let writer_stop = CancellationToken::new();
-    for part in parts {
-        match (part, &embedder, &store) {
-            (Part::Embedder, Some(model), store) => {
-                let metrics = EmbedderMetrics::default();
-                metrics.register(&mut registry);
-                let handler = Arc::new(EmbedderService::new(
-                    model.clone(),
-                    store.clone(),
-                    config.chunking.clone(),
-                    metrics,
-                ));
-                consumers.spawn(bruno_runtime::run_pull(
-                    broker.clone(),
-                    "embedder",
-                    config.consumers.embedder,
-                    handler,
-                    consumers_stop.clone(),
-                ));
-            }
-            (Part::Writer, _, Some(store)) => {
-                let metrics = WriterMetrics::default();
-                metrics.register(&mut registry);
-                let handler = Arc::new(Writer::start(
-                    store.clone(),
-                    &config.writer,
-                    metrics,
-                    writer_stop.clone(),
-                ));
-                consumers.spawn(bruno_runtime::run_pull(
-                    broker.clone(),
-                    "writer",
-                    config.writer.concurrency,
-                    handler,
-                    consumers_stop.clone(),
-                ));
-            }
-            (Part::Retriever, Some(model), Some(store)) => {
-                let metrics = RetrieverMetrics::default();
-                metrics.register(&mut registry);
-                let handler = Arc::new(Retriever::new(
-                    model.clone(),
-                    store.clone(),
-                    config.retriever.clone(),
-                    metrics,
-                ));
-                consumers.spawn(bruno_runtime::run_pull(
-                    broker.clone(),
-                    "retriever",
-                    config.consumers.retriever,
-                    handler,
-                    consumers_stop.clone(),
-                ));
-            }
-            (Part::Generator, _, _) => {
-                let metrics = GeneratorMetrics::default();
-                metrics.register(&mut registry);
-                let handler = Arc::new(Generator::new(config.generator.clone(), metrics));
-                consumers.spawn(bruno_runtime::run_pull(
-                    broker.clone(),
-                    "generator",
-                    config.consumers.generator,
-                    handler,
-                    consumers_stop.clone(),
-                ));
-            }
-            _ => {}
+    let mut running = Vec::new();
+    let mut bound = Bound {
+        ingress: None,
+        gateway: None,
+        admin: config.admin.listen,
+    };
+    // HTTP servers stop taking requests when `shutdown` fires (or when the
+    // start fails half-way).
+    let http_stop = shutdown.child_token();
+    let started = async {
+        for part in &parts {
+            let stop = CancellationToken::new();
+            let mut build = Build {
+                config: &config,
+                broker: &broker,
+                metrics: &mut metrics,
+                readiness: &mut readiness,
+                stop: stop.clone(),
+                model: model.as_ref(),
+                store: store.as_ref(),
+            };
+            let built = (part.build)(&mut build);
+            let http = matches!(built, Ok(Started::Http { .. }));
+            let task = match built.with_context(|| format!("starting the {}", part.name))? {
+                Started::Consumer(run) => tokio::spawn(async move {
+                    run.await;
+                    Ok(())
+                }),
+                Started::Http {
+                    listen: (key, addr),
+                    router,
+                } => {
+                    let (addr, task) = serve(addr, router, http_stop.clone())
+                        .await
+                        .with_context(|| format!("binding {key} {addr}"))?;
+                    match part.name {
+                        "ingress" => bound.ingress = Some(addr),
+                        "gateway" => bound.gateway = Some(addr),
+                        _ => {}
+                    }
+                    tokio::spawn(async move {
+                        task.await??;
+                        Ok(())
+                    })
+                }
+            };
+            running.push(Running {
+                stage: part.stage,
+                http,
+                stop,
+                task,
+            });
         }
-    }
-    let mut ingress_addr = None;
-    let mut ingress_task = None;
-    if parts.contains(&Part::Ingress) {
-        let metrics = IngressMetrics::default();
-        metrics.register(&mut registry);
-        let ingress = Arc::new(Ingress::new(&config.ingress, broker.clone(), metrics)?);
-        let router = bruno_ingress::router(ingress, config.ingress.max_body_bytes);
-        let (addr, task) = serve(config.ingress.listen, router, shutdown.clone())
+        let admin_router = admin::router(
+            Arc::new(Mutex::new(std::mem::take(&mut metrics))),
+            std::mem::take(&mut readiness),
+        );
+        let (admin_addr, admin_task) = serve(config.admin.listen, admin_router, shutdown.clone())
             .await
-            .with_context(|| format!("binding ingress.listen {}", config.ingress.listen))?;
-        ingress_addr = Some(addr);
-        ingress_task = Some(task);
+            .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
+        anyhow::Ok((admin_addr, admin_task))
     }
-    let mut gateway_addr = None;
-    let mut gateway_task = None;
-    let gateway_stop = CancellationToken::new();
-    let mut readiness = readiness;
-    if parts.contains(&Part::Gateway) {
-        let metrics = GatewayMetrics::default();
-        metrics.register(&mut registry);
-        let gateway = Arc::new(Gateway::new(
-            config.gateway.clone(),
-            broker.clone(),
-            metrics,
-            gateway_stop.clone(),
-        )?);
-        readiness = readiness.check("reply-queue", {
-            let gateway = gateway.clone();
-            move || gateway.is_ready()
-        });
-        let (addr, task) = serve(
-            config.gateway.listen,
-            bruno_gateway::router(gateway),
-            shutdown.clone(),
-        )
-        .await
-        .with_context(|| format!("binding gateway.listen {}", config.gateway.listen))?;
-        gateway_addr = Some(addr);
-        gateway_task = Some(task);
-    }
-    let admin_router = admin::router(Arc::new(Mutex::new(registry)), readiness);
-    let (admin_addr, admin_task) = serve(config.admin.listen, admin_router, shutdown.clone())
-        .await
-        .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
-    let names: Vec<&str> = parts.iter().map(|p| p.name()).collect();
-    info!(parts = ?names, ingress = ?ingress_addr, gateway = ?gateway_addr, %admin_addr, "running");
+    .await;
+    let (admin_addr, admin_task) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing half-started outlives a failed start.
+            http_stop.cancel();
+            for r in &running {
+                r.stop.cancel();
+                r.task.abort();
+            }
+            broker_cancel.cancel();
+            return Err(e);
+        }
+    };
+    bound.admin = admin_addr;
+    let names: Vec<&str> = parts.iter().map(|p| p.name).collect();
+    info!(parts = ?names, ingress = ?bound.ingress, gateway = ?bound.gateway, %admin_addr, "running");
     if let Some(tx) = ready {
-        let _ = tx.send(Bound {
-            ingress: ingress_addr,
-            gateway: gateway_addr,
-            admin: admin_addr,
-        });
+        let _ = tx.send(bound);
     }
 
     shutdown.cancelled().await;
-    if let Some(task) = ingress_task {
-        task.await??;
+    // HTTP servers stop on `shutdown` itself; each stage is then told to
+    // stop and waited for before the next.
+    for stage in [Stage::Front, Stage::Worker, Stage::Store] {
+        let (now, later): (Vec<Running>, Vec<Running>) =
+            running.into_iter().partition(|r| r.stage == stage);
+        running = later;
+        for r in now.iter().filter(|r| !r.http) {
+            r.stop.cancel();
+        }
+        for r in now {
+            r.task.await??;
+            r.stop.cancel();
+        }
     }
-    if let Some(task) = gateway_task {
-        task.await??;
-    }
-    gateway_stop.cancel();
-    // In-flight messages finish (the writer's wait for their commit) before
-    // the consumers return.
-    consumers_stop.cancel();
-    while consumers.join_next().await.is_some() {}
-    writer_stop.cancel();
     admin_task.await??;
     broker_cancel.cancel();
     Ok(())
@@ -427,4 +367,63 @@ pub fn manifests_yaml(topology: &Topology, cluster: &str) -> anyhow::Result<Stri
         out.push_str(&serde_norway::to_string(&doc)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The LLM's and the embedder's API keys and the broker's password,
+    /// loaded from a config file, never show in the config's `Debug` (which
+    /// is what a log line of the config prints) or in any of its parts'.
+    #[test]
+    fn secrets_in_the_config_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bruno.toml");
+        std::fs::write(
+            &file,
+            r#"
+[broker]
+url = "amqp://bruno:broker-pass-7731@rabbit:5672/%2f"
+
+[embedder]
+backend = "openai"
+url = "http://embed:8000"
+model = "e5"
+dimension = 768
+api_key = "sk-embedder-secret-4242"
+
+[generator.llm]
+backend = "openai"
+url = "http://llm:8000"
+model = "qwen"
+api_key = "sk-llm-secret-9191"
+"#,
+        )
+        .unwrap();
+        let config: Config = bruno_runtime::config::load(Some(&file)).unwrap();
+        match &config.generator.llm {
+            bruno_generator::LlmConfig::Openai {
+                api_key: Some(k), ..
+            } => assert_eq!(k.expose(), "sk-llm-secret-9191"),
+            other => panic!("not loaded: {other:?}"),
+        }
+        let shown = [
+            format!("{config:?}"),
+            format!("{:?}", config.generator),
+            format!("{:?}", config.embedder),
+            format!("{:?}", config.broker),
+            format!("{:#?}", config),
+        ];
+        for text in shown {
+            for secret in [
+                "sk-llm-secret-9191",
+                "sk-embedder-secret-4242",
+                "broker-pass-7731",
+            ] {
+                assert!(!text.contains(secret), "{secret} printed in {text}");
+            }
+            assert!(text.contains("redacted"), "{text}");
+        }
+    }
 }

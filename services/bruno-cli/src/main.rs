@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use bruno_broker::dlq;
-use bruno_cli::{Config, Part, connect_for_tool, run_parts};
-use clap::{Parser, Subcommand};
+use bruno_cli::{Config, connect_for_tool, registry, run_parts};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// mimalloc: the ingress and consumers allocate per message; glibc malloc
 /// showed up as ~12 % of the ingress's CPU profile.
@@ -30,21 +30,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every part in one process on embedded defaults (a laptop setup):
-    /// ingress, embedder, writer, retriever.
-    Dev,
-    /// Run only the HTTP ingress.
-    Ingress,
-    /// Run only the embedder (document.submitted, chat.completed → memory.write).
-    Embedder,
-    /// Run only the writer, the one LanceDB writer (memory.write).
-    Writer,
-    /// Run only the retriever (search.requested, chat.requested).
-    Retriever,
-    /// Run only the generator (chat.contextualized → the LLM → chat.delta, chat.completed).
-    Generator,
-    /// Run only the chat gateway (HTTP chat, search and OpenAI-compatible APIs).
-    Gateway,
+    /// Run every part in one process on embedded defaults (a laptop setup),
+    /// or the ones named with --parts. Each part also runs alone as
+    /// `bruno <part>` (listed below and by `bruno parts`).
+    Dev {
+        /// Only these parts, comma-separated (e.g. --parts writer,retriever).
+        #[arg(long, value_delimiter = ',')]
+        parts: Vec<String>,
+    },
+    /// List the parts of the fleet: what each consumes, how it runs, when it stops.
+    Parts {
+        /// Print the markdown table of docs/architecture.md.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Send text and markdown files (or directories of them) to the ingress
     /// as document.submitted events.
     Ingest {
@@ -128,7 +127,7 @@ enum Command {
 enum DlqCommand {
     /// List dead letters of a part (nothing is removed).
     List {
-        /// The part (embedder, retriever, generator, writer, backup).
+        /// The part (see `bruno parts`).
         #[arg(long)]
         part: String,
         /// At most this many.
@@ -200,10 +199,25 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The CLI with one subcommand per runnable part of the registry.
+fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    for part in registry::entries() {
+        if registry::runnable().contains(&part.name) {
+            cmd = cmd.subcommand(
+                clap::Command::new(part.name)
+                    .about(format!("Run only the {}: {}", part.name, part.about)),
+            );
+        }
+    }
+    cmd
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let config: Config = match bruno_runtime::config::load(cli.config.as_deref()) {
+    let matches = command().get_matches();
+    let file = matches.get_one::<PathBuf>("config").cloned();
+    let config: Config = match bruno_runtime::config::load(file.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("bruno: {e}");
@@ -211,7 +225,16 @@ async fn main() -> ExitCode {
         }
     };
     bruno_runtime::telemetry::init(config.log.json, &config.log.filter);
-    match run(cli.command, config).await {
+    let result = match matches.subcommand() {
+        Some((name, _)) if registry::find(name).is_some() => {
+            run_parts(config, &[name], bruno_runtime::shutdown::on_signals(), None).await
+        }
+        _ => match Cli::from_arg_matches(&matches) {
+            Ok(cli) => run(cli.command, config).await,
+            Err(e) => e.exit(),
+        },
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bruno: {e:#}");
@@ -222,68 +245,27 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
-        Command::Dev => {
-            run_parts(
-                config,
-                &Part::ALL,
-                bruno_runtime::shutdown::on_signals(),
-                None,
-            )
-            .await
+        Command::Dev { parts } => {
+            let names: Vec<&str> = if parts.is_empty() {
+                registry::runnable()
+            } else {
+                parts.iter().map(String::as_str).collect()
+            };
+            run_parts(config, &names, bruno_runtime::shutdown::on_signals(), None).await
         }
-        Command::Ingress => {
-            run_parts(
-                config,
-                &[Part::Ingress],
-                bruno_runtime::shutdown::on_signals(),
-                None,
-            )
-            .await
+        Command::Parts { markdown: true } => {
+            print!("{}", registry::markdown_table());
+            Ok(())
         }
-        Command::Embedder => {
-            run_parts(
-                config,
-                &[Part::Embedder],
-                bruno_runtime::shutdown::on_signals(),
-                None,
-            )
-            .await
-        }
-        Command::Writer => {
-            run_parts(
-                config,
-                &[Part::Writer],
-                bruno_runtime::shutdown::on_signals(),
-                None,
-            )
-            .await
-        }
-        Command::Retriever => {
-            run_parts(
-                config,
-                &[Part::Retriever],
-                bruno_runtime::shutdown::on_signals(),
-                None,
-            )
-            .await
-        }
-        Command::Generator => {
-            run_parts(
-                config,
-                &[Part::Generator],
-                bruno_runtime::shutdown::on_signals(),
-                None,
-            )
-            .await
-        }
-        Command::Gateway => {
-            run_parts(
-                config,
-                &[Part::Gateway],
-                bruno_runtime::shutdown::on_signals(),
-                None,
-            )
-            .await
+        Command::Parts { markdown: false } => {
+            for p in registry::entries() {
+                let takes = (p.consumes)().join(", ");
+                println!(
+                    "{:10} {:?}/{:?}  {}  [{}]",
+                    p.name, p.role, p.stage, p.about, takes
+                );
+            }
+            Ok(())
         }
         Command::Ingest {
             paths,
@@ -398,8 +380,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             manifests: true,
             cluster,
         } => {
-            let topology =
-                bruno_broker::Topology::new(&config.broker, bruno_runtime::fleet::parts());
+            let topology = bruno_broker::Topology::new(&config.broker, registry::part_specs());
             print!("{}", bruno_cli::manifests_yaml(&topology, &cluster)?);
             Ok(())
         }
@@ -440,7 +421,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     .with_context(|| format!("unknown event type {type:?}"))?;
                 print_json(&(entry.schema)())
             }
-            EventsCommand::Asyncapi => print_json(&bruno_events::asyncapi::document()),
+            EventsCommand::Asyncapi => print_json(&registry::asyncapi()),
         },
     }
 }

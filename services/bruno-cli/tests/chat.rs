@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use bruno_cli::{Config, Part, run_parts};
+use bruno_cli::{Config, run_parts};
 use bruno_embed::EmbedderInfo;
 use bruno_events::EventData;
 use bruno_events::payload::{DocFormat, DocumentSubmitted};
@@ -164,13 +164,18 @@ async fn metric(admin: SocketAddr, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
-    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    let h = Harness::new(bruno_cli::registry::part_specs()).await;
     let dir = tempfile::tempdir().unwrap();
     let (seen, url) = llm().await;
     let config = fleet_config(&h, &dir, url);
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(run_parts(config, &Part::ALL, shutdown.clone(), Some(tx)));
+    let task = tokio::spawn(run_parts(
+        config,
+        &bruno_cli::registry::runnable(),
+        shutdown.clone(),
+        Some(tx),
+    ));
     let bound = rx.await.unwrap();
     let gateway = bound.gateway.unwrap();
 
@@ -323,14 +328,19 @@ async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_llm_gets_a_504_and_its_late_answer_is_dropped_and_counted() {
-    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    let h = Harness::new(bruno_cli::registry::part_specs()).await;
     let dir = tempfile::tempdir().unwrap();
     let (_seen, url) = llm().await;
     let mut config = fleet_config(&h, &dir, url);
     config.gateway.chat_timeout_ms = 1000;
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(run_parts(config, &Part::ALL, shutdown.clone(), Some(tx)));
+    let task = tokio::spawn(run_parts(
+        config,
+        &bruno_cli::registry::runnable(),
+        shutdown.clone(),
+        Some(tx),
+    ));
     let bound = rx.await.unwrap();
     let gateway = bound.gateway.unwrap();
 
@@ -344,13 +354,16 @@ async fn a_hanging_llm_gets_a_504_and_its_late_answer_is_dropped_and_counted() {
     let problem: Value = r.json().await.unwrap();
     assert!(problem["correlation_id"].is_string(), "{problem}");
     // The gateway gave up before the LLM (2.5 s) answered.
-    assert_eq!(metric(bound.admin, "bruno_gateway_late_replies").await, 0.0);
+    assert_eq!(
+        metric(bound.admin, "bruno_gateway_late_replies_total").await,
+        0.0
+    );
 
     // The LLM answers after all: that completion reaches the gateway late,
     // is dropped and counted.
     let mut late = 0.0;
     for _ in 0..100 {
-        late = metric(bound.admin, "bruno_gateway_late_replies").await;
+        late = metric(bound.admin, "bruno_gateway_late_replies_total").await;
         if late >= 1.0 {
             break;
         }

@@ -5,8 +5,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use bruno_broker::{Names, Secret};
+use bruno_broker::Names;
 use bruno_cli::{Config, run_ingress};
+use bruno_core::Secret;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +32,7 @@ async fn cleanup(prefix: &str) {
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let config = bruno_broker::BrokerConfig::default();
-    for part in bruno_runtime::fleet::parts() {
+    for part in bruno_cli::registry::part_specs() {
         let mut queues = vec![names.queue(&part.name), names.dlq(&part.name)];
         queues.extend(
             config
@@ -256,7 +257,7 @@ async fn dev_serves_ingress_and_admin_then_shuts_down() {
 fn committed_topology_manifests_are_current() {
     let topology = bruno_broker::Topology::new(
         &bruno_broker::BrokerConfig::default(),
-        bruno_runtime::fleet::parts(),
+        bruno_cli::registry::part_specs(),
     );
     let rendered = bruno_cli::manifests_yaml(&topology, "bruno-rabbitmq").unwrap();
     let path = concat!(

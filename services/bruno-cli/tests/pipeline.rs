@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use bruno_broker::{PartSpec, codec, dlq};
-use bruno_cli::{Bound, Config, Part, run_parts};
+use bruno_cli::{Bound, Config, run_parts};
 use bruno_embed::{EmbedderInfo, MiniLm, default_model_dir};
 use bruno_embedder::{ChunkingConfig, chunk_id, content_hash, split};
 use bruno_events::payload::{
@@ -49,14 +49,10 @@ struct InProc {
 }
 
 impl InProc {
-    async fn start(config: Config, parts: &[Part]) -> Self {
+    async fn start(config: Config, parts: &[&str]) -> Self {
         let shutdown = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let parts = parts.to_vec();
-        let task = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move { run_parts(config, &parts, shutdown, Some(tx)).await }
-        });
+        let task = tokio::spawn(run_parts(config, parts, shutdown.clone(), Some(tx)));
         let bound = rx.await.expect("parts did not start");
         Self {
             shutdown,
@@ -237,9 +233,9 @@ async fn kill(mut child: tokio::process::Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_documents_exactly_once_across_killed_embedder_and_writer() {
-    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    let h = Harness::new(bruno_cli::registry::part_specs()).await;
     let dir = tempfile::tempdir().unwrap();
-    let ingress = InProc::start(config(&h, dir.path()), &[Part::Ingress]).await;
+    let ingress = InProc::start(config(&h, dir.path()), &["ingress"]).await;
     let mut embedder = spawn_part("embedder", &h, dir.path());
     let mut writer = spawn_part("writer", &h, dir.path());
 
@@ -355,9 +351,9 @@ const OTHERS: &[(&str, &str, &str)] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_finds_keywords_and_paraphrases_and_changed_documents_replace_their_chunks() {
-    let h = Harness::new(bruno_runtime::fleet::parts()).await;
+    let h = Harness::new(bruno_cli::registry::part_specs()).await;
     let dir = tempfile::tempdir().unwrap();
-    let fleet = InProc::start(config(&h, dir.path()), &Part::ALL).await;
+    let fleet = InProc::start(config(&h, dir.path()), &bruno_cli::registry::runnable()).await;
     let addr = fleet.bound.ingress.unwrap();
     let chunking = ChunkingConfig::default();
     let store = open_store(dir.path()).await;
@@ -509,11 +505,11 @@ async fn search_finds_keywords_and_paraphrases_and_changed_documents_replace_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_documents_and_a_foreign_embedder_are_dead_lettered_and_the_pipeline_goes_on() {
-    let mut parts = bruno_runtime::fleet::parts();
+    let mut parts = bruno_cli::registry::part_specs();
     parts.push(PartSpec::on_types("observer", &[MemoryWrite::TYPE]));
     let h = Harness::new(parts).await;
     let dir = tempfile::tempdir().unwrap();
-    let fleet = InProc::start(config(&h, dir.path()), &[Part::Embedder]).await;
+    let fleet = InProc::start(config(&h, dir.path()), &["embedder"]).await;
     let (recorder, mut writes) = Recorder::new();
     let obs_stop = CancellationToken::new();
     let observer = tokio::spawn(bruno_runtime::run_pull(
@@ -560,8 +556,10 @@ async fn malformed_documents_and_a_foreign_embedder_are_dead_lettered_and_the_pi
     h.broker.publish(&good).await.unwrap();
 
     let got = recv_n(&mut writes, 1, Duration::from_secs(60)).await;
-    let write: MemoryWrite = decode_data(&got[0]).unwrap();
-    assert_eq!(write.doc_id.as_deref(), Some("good.md"));
+    let MemoryWrite::Chunks(write) = decode_data(&got[0]).unwrap() else {
+        panic!("a document becomes chunks");
+    };
+    assert_eq!(write.doc_id, "good.md");
     assert_eq!(write.embedder, info());
     assert!(write.rows.iter().all(|r| r.vector.len() == 384));
 
@@ -602,7 +600,7 @@ async fn malformed_documents_and_a_foreign_embedder_are_dead_lettered_and_the_pi
         .await
         .unwrap();
     dlq::purge(&h.broker, "embedder").await.unwrap();
-    let fleet = InProc::start(config(&h, other.path()), &[Part::Embedder]).await;
+    let fleet = InProc::start(config(&h, other.path()), &["embedder"]).await;
     h.broker
         .publish(&new_event("tests", &doc("x.md", "X", "# X\n\nSome text.")))
         .await

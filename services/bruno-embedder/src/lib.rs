@@ -15,20 +15,19 @@
 //! the writer is the only process that writes it (ADR 0007).
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use bruno_embed::{AnyEmbedder, EmbedError, Embedder};
+use bruno_embed::{AnyEmbedder, Embedder};
 use bruno_events::payload::{
-    ChatCompleted, DocFormat, DocumentSubmitted, MemoryRow, MemoryWrite, Table,
+    ChatCompleted, ChunkRecord, ChunkWrite, DocFormat, DocumentSubmitted, MemoryWrite, Role,
+    TurnRecord, TurnWrite,
 };
-use bruno_events::{AttributesReader, Event, EventData, correlation_id, reply_event};
-use bruno_runtime::{Context, ErrorCode, FromEvent, Handler, HandlerError, Incoming, Raw};
-use bruno_store::{Chunks, Store, StoreError};
+use bruno_events::{AttributesReader, Event, correlation_id, reply_event};
+use bruno_runtime::{Context, Handler, HandlerError, Incoming};
+use bruno_store::{Chunks, Store};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use text_splitter::{ChunkConfig, ChunkSizer, MarkdownSplitter, TextSplitter};
 use tokenizers::Tokenizer;
@@ -214,26 +213,21 @@ pub fn chunk_id(doc_id: &str, hash: &str, index: usize) -> String {
     .to_string()
 }
 
-fn turn_id(correlation: &str, role: &str) -> String {
+fn turn_id(correlation: &str, role: Role) -> String {
     Uuid::new_v5(
         &ID_NAMESPACE,
-        format!("turn\0{correlation}\0{role}").as_bytes(),
+        format!("turn\0{correlation}\0{}", role.as_str()).as_bytes(),
     )
     .to_string()
 }
 
-fn embed_error(e: EmbedError) -> HandlerError {
-    if e.is_retryable() {
-        HandlerError::dependency(e.to_string())
-    } else {
-        HandlerError::internal(e.to_string())
-    }
-}
-
-fn store_error(e: StoreError) -> HandlerError {
-    match e {
-        StoreError::EmbedderMismatch { .. } => HandlerError::invalid_payload(e.to_string()),
-        other => HandlerError::dependency(other.to_string()),
+bruno_runtime::inputs! {
+    /// What the embedder takes.
+    pub enum EmbedderInput {
+        /// A document to split, embed and store.
+        Document(DocumentSubmitted),
+        /// A finished chat turn to remember.
+        Turn(ChatCompleted),
     }
 }
 
@@ -276,13 +270,10 @@ impl EmbedderService {
         };
         let mut cached = self.chunks.lock().await;
         if cached.is_none() {
-            *cached = store
-                .existing_chunks(self.embedder.info())
-                .await
-                .map_err(store_error)?;
+            *cached = store.existing_chunks(self.embedder.info()).await?;
         }
         match cached.as_ref() {
-            Some(t) => t.content_hash(doc_id).await.map_err(store_error),
+            Some(t) => Ok(t.content_hash(doc_id).await?),
             None => Ok(None),
         }
     }
@@ -290,7 +281,7 @@ impl EmbedderService {
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, HandlerError> {
         let mut vectors = Vec::with_capacity(texts.len());
         for batch in texts.chunks(self.config.batch_size.max(1)) {
-            vectors.extend(self.embedder.embed(batch).await.map_err(embed_error)?);
+            vectors.extend(self.embedder.embed(batch).await?);
         }
         if vectors.len() != texts.len() {
             return Err(HandlerError::internal(format!(
@@ -339,31 +330,23 @@ impl EmbedderService {
         let chunk_ids: Vec<String> = (0..texts.len())
             .map(|i| chunk_id(&doc.doc_id, &hash, i))
             .collect();
-        let rows: Vec<MemoryRow> = texts
+        let rows: Vec<ChunkRecord> = texts
             .into_iter()
             .zip(vectors)
             .enumerate()
-            .map(|(i, (text, vector))| {
-                let mut metadata = BTreeMap::from([
-                    ("source".to_owned(), Value::from(doc.source.clone())),
-                    ("chunk_index".to_owned(), Value::from(i as u64)),
-                ]);
-                if let Some(title) = &doc.title {
-                    metadata.insert("title".into(), Value::from(title.clone()));
-                }
-                MemoryRow {
-                    id: chunk_ids[i].clone(),
-                    text,
-                    vector,
-                    metadata,
-                }
+            .map(|(i, (text, vector))| ChunkRecord {
+                id: chunk_ids[i].clone(),
+                chunk_index: u32::try_from(i).unwrap_or(u32::MAX),
+                text,
+                vector,
             })
             .collect();
         self.metrics.documents.inc();
         self.metrics.chunks.inc_by(rows.len() as u64);
         debug!(doc_id = %doc.doc_id, chunks = rows.len(), "embedded");
         let per = self.config.rows_per_message.max(1);
-        let mut parts: Vec<Vec<MemoryRow>> = rows.chunks(per).map(<[MemoryRow]>::to_vec).collect();
+        let mut parts: Vec<Vec<ChunkRecord>> =
+            rows.chunks(per).map(<[ChunkRecord]>::to_vec).collect();
         if parts.is_empty() {
             parts.push(Vec::new());
         }
@@ -371,14 +354,15 @@ impl EmbedderService {
             .into_iter()
             .enumerate()
             .map(|(n, rows)| {
-                let write = MemoryWrite {
-                    table: Table::Chunks,
-                    rows,
+                let write = MemoryWrite::Chunks(ChunkWrite {
                     embedder: self.embedder.info().clone(),
-                    doc_id: Some(doc.doc_id.clone()),
-                    chunk_ids: Some(chunk_ids.clone()),
-                    content_hash: Some(hash.clone()),
-                };
+                    doc_id: doc.doc_id.clone(),
+                    source: doc.source.clone(),
+                    title: doc.title.clone(),
+                    content_hash: hash.clone(),
+                    chunk_ids: chunk_ids.clone(),
+                    rows,
+                });
                 reply_event(event, &ctx.source, n as u32, &write)
             })
             .collect())
@@ -393,11 +377,7 @@ impl EmbedderService {
         let correlation = correlation_id(event)
             .unwrap_or_else(|| event.id())
             .to_owned();
-        let at = event
-            .time()
-            .copied()
-            .unwrap_or_else(chrono::Utc::now)
-            .to_rfc3339();
+        let created_at = event.time().copied().unwrap_or_else(chrono::Utc::now);
         let texts = vec![done.question.clone(), done.answer.clone()];
         // The retriever already embedded the question with this model.
         let vectors = match done.question_vector {
@@ -413,60 +393,37 @@ impl EmbedderService {
         let rows = texts
             .into_iter()
             .zip(vectors)
-            .zip(["user", "assistant"])
-            .map(|((text, vector), role)| MemoryRow {
+            .zip([Role::User, Role::Assistant])
+            .map(|((text, vector), role)| TurnRecord {
                 id: turn_id(&correlation, role),
+                session_id: done.session_id.clone(),
+                role,
+                correlation_id: correlation.clone(),
+                created_at,
                 text,
                 vector,
-                metadata: BTreeMap::from([
-                    (
-                        "session_id".to_owned(),
-                        Value::from(done.session_id.clone()),
-                    ),
-                    ("role".to_owned(), Value::from(role)),
-                    (
-                        "correlation_id".to_owned(),
-                        Value::from(correlation.clone()),
-                    ),
-                    ("created_at".to_owned(), Value::from(at.clone())),
-                ]),
             })
             .collect();
         self.metrics.turns.inc();
-        let write = MemoryWrite {
-            table: Table::Conversations,
-            rows,
+        let write = MemoryWrite::Conversations(TurnWrite {
             embedder: self.embedder.info().clone(),
-            doc_id: None,
-            chunk_ids: None,
-            content_hash: None,
-        };
+            rows,
+        });
         Ok(vec![reply_event(event, &ctx.source, 0, &write)])
     }
 }
 
 impl Handler for EmbedderService {
-    type Input = Raw;
+    type Input = EmbedderInput;
 
     async fn handle(
         &self,
-        input: Incoming<Raw>,
+        input: Incoming<EmbedderInput>,
         ctx: &Context,
     ) -> Result<Vec<Event>, HandlerError> {
-        let event = &input.event;
-        match event.ty() {
-            DocumentSubmitted::TYPE => {
-                let doc = DocumentSubmitted::from_event(event)?;
-                self.document(event, doc, ctx).await
-            }
-            ChatCompleted::TYPE => {
-                let done = ChatCompleted::from_event(event)?;
-                self.turn(event, done, ctx).await
-            }
-            other => Err(HandlerError::new(
-                ErrorCode::UnknownType,
-                format!("the embedder does not handle {other}"),
-            )),
+        match input.data {
+            EmbedderInput::Document(doc) => self.document(&input.event, doc, ctx).await,
+            EmbedderInput::Turn(done) => self.turn(&input.event, done, ctx).await,
         }
     }
 }

@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bruno_broker::{Broker, BrokerConfig, PartSpec, Secret};
+use bruno_broker::{Broker, BrokerConfig, PartSpec};
+use bruno_core::Secret;
 use bruno_events::payload::{
     ChatCompleted, ChatDelta, ChatFailed, ChatRequested, SearchCompleted, SearchHit,
     SearchRequested, TokenUsage,
@@ -61,7 +62,6 @@ impl Handler for Responder {
             return Ok(vec![reply_event(e, &ctx.source, 0, &failed)]);
         }
         let answer = format!("echo: {}", r.message);
-        let broker = ctx.broker.as_ref().unwrap();
         let pieces: Vec<String> = answer.split_inclusive(' ').map(str::to_owned).collect();
         // Published out of order on purpose: the gateway orders by seq.
         let mut order: Vec<usize> = (0..pieces.len()).collect();
@@ -73,10 +73,8 @@ impl Handler for Responder {
                 seq: i as u64,
                 text: pieces[i].clone(),
             };
-            broker
-                .publish(&reply_event(e, &ctx.source, i as u32 + 1, &d))
-                .await
-                .map_err(|e| HandlerError::dependency(e.to_string()))?;
+            ctx.emit(&[reply_event(e, &ctx.source, i as u32 + 1, &d)])
+                .await?;
         }
         let done = ChatCompleted {
             session_id: r.session_id,

@@ -307,7 +307,7 @@ impl Generator {
             .set(i64::from(b.open_until.is_some()));
     }
 
-    /// Publish `texts` as the deltas numbered from `seq`, pipelined: the
+    /// Emit `texts` as the deltas numbered from `seq`, pipelined: the
     /// broker confirms them together (the gateway orders them by `seq`).
     async fn publish_deltas(
         &self,
@@ -316,9 +316,6 @@ impl Generator {
         seq: u64,
         texts: Vec<String>,
     ) -> Result<(), HandlerError> {
-        let Some(broker) = &ctx.broker else {
-            return Ok(());
-        };
         let deltas: Vec<Event> = texts
             .into_iter()
             .zip(seq..)
@@ -331,10 +328,7 @@ impl Generator {
                 )
             })
             .collect();
-        broker
-            .publish_all(&deltas)
-            .await
-            .map_err(|e| HandlerError::dependency(format!("publishing chat.delta: {e}")))
+        ctx.emit(&deltas).await
     }
 }
 

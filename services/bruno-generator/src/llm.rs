@@ -45,7 +45,7 @@ pub enum LlmConfig {
         model: String,
         /// Bearer token.
         #[serde(default)]
-        api_key: Option<String>,
+        api_key: Option<bruno_core::Secret>,
     },
 }
 
@@ -172,7 +172,7 @@ impl Llm {
                     .post(format!("{}/v1/chat/completions", url.trim_end_matches('/')))
                     .json(&body);
                 if let Some(key) = api_key {
-                    r = r.bearer_auth(key);
+                    r = r.bearer_auth(key.expose());
                 }
                 (r, false)
             }

@@ -21,9 +21,9 @@ use bruno_events::payload::{
     ChatContextualized, ChatFailed, ChatRequested, MemoryTurn, QuestionVector, SearchCompleted,
     SearchFilters, SearchHit, SearchRequested,
 };
-use bruno_events::{AttributesReader, Event, EventData, reply_event};
-use bruno_runtime::{Context, ErrorCode, FromEvent, Handler, HandlerError, Incoming, Raw};
-use bruno_store::{Chunks, Conversations, Store, StoreError, TurnRow};
+use bruno_events::{Event, reply_event};
+use bruno_runtime::{Context, Handler, HandlerError, Incoming};
+use bruno_store::{Chunks, Conversations, Store, TurnRow};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
@@ -76,10 +76,13 @@ impl RetrieverMetrics {
     }
 }
 
-fn store_error(e: StoreError) -> HandlerError {
-    match e {
-        StoreError::EmbedderMismatch { .. } => HandlerError::invalid_payload(e.to_string()),
-        other => HandlerError::dependency(other.to_string()),
+bruno_runtime::inputs! {
+    /// What the retriever takes.
+    pub enum RetrieverInput {
+        /// A search awaiting its hits.
+        Search(SearchRequested),
+        /// A chat turn awaiting its context.
+        Chat(ChatRequested),
     }
 }
 
@@ -114,11 +117,7 @@ impl Retriever {
     async fn chunks(&self) -> Result<Option<Chunks>, HandlerError> {
         let mut cached = self.chunks.lock().await;
         if cached.is_none() {
-            *cached = self
-                .store
-                .existing_chunks(self.embedder.info())
-                .await
-                .map_err(store_error)?;
+            *cached = self.store.existing_chunks(self.embedder.info()).await?;
         }
         Ok(cached.clone())
     }
@@ -129,24 +128,13 @@ impl Retriever {
             *cached = self
                 .store
                 .existing_conversations(self.embedder.info())
-                .await
-                .map_err(store_error)?;
+                .await?;
         }
         Ok(cached.clone())
     }
 
     async fn embed_query(&self, query: &str) -> Result<Vec<f32>, HandlerError> {
-        let mut vectors = self
-            .embedder
-            .embed(&[query.to_owned()])
-            .await
-            .map_err(|e| {
-                if e.is_retryable() {
-                    HandlerError::dependency(e.to_string())
-                } else {
-                    HandlerError::internal(e.to_string())
-                }
-            })?;
+        let mut vectors = self.embedder.embed(&[query.to_owned()]).await?;
         vectors
             .pop()
             .ok_or_else(|| HandlerError::internal("the embedder returned no vector"))
@@ -166,10 +154,7 @@ impl Retriever {
             source: filters.source.clone(),
             doc_id: filters.doc_id.clone(),
         };
-        let hits = chunks
-            .search(vector, query, k, &filters)
-            .await
-            .map_err(store_error)?;
+        let hits = chunks.search(vector, query, k, &filters).await?;
         Ok(hits
             .into_iter()
             .map(|h| SearchHit {
@@ -208,10 +193,9 @@ impl Retriever {
         if self.config.memory_recent == 0 {
             return Ok(Vec::new());
         }
-        conversations
+        Ok(conversations
             .recent(session_id, self.config.memory_recent)
-            .await
-            .map_err(store_error)
+            .await?)
     }
 
     /// The session's earlier turns nearest to the question.
@@ -226,10 +210,9 @@ impl Retriever {
         if self.config.memory_related == 0 {
             return Ok(Vec::new());
         }
-        conversations
+        Ok(conversations
             .related(session_id, vector, self.config.memory_related)
-            .await
-            .map_err(store_error)
+            .await?)
     }
 
     async fn contextualize(
@@ -272,7 +255,7 @@ impl Retriever {
                 Ok(vec![reply_event(event, &ctx.source, 0, &out)])
             }
             // Permanent: the user is told now rather than left waiting.
-            Err(e) if matches!(e.code, ErrorCode::InvalidPayload) => {
+            Err(e) if e.is_permanent() => {
                 let failed = ChatFailed {
                     reason: "retrieval".into(),
                     message: e.message,
@@ -304,35 +287,26 @@ fn memory(recent: Vec<TurnRow>, related: Vec<TurnRow>) -> Vec<MemoryTurn> {
 }
 
 impl Handler for Retriever {
-    type Input = Raw;
+    type Input = RetrieverInput;
 
     async fn handle(
         &self,
-        input: Incoming<Raw>,
+        input: Incoming<RetrieverInput>,
         ctx: &Context,
     ) -> Result<Vec<Event>, HandlerError> {
-        let event = &input.event;
-        match event.ty() {
-            SearchRequested::TYPE => {
-                let request = SearchRequested::from_event(event)?;
+        match input.data {
+            RetrieverInput::Search(request) => {
                 let hits = self
                     .search(&request.query, request.k as usize, &request.filters)
                     .await?;
                 Ok(vec![reply_event(
-                    event,
+                    &input.event,
                     &ctx.source,
                     0,
                     &SearchCompleted { hits },
                 )])
             }
-            ChatRequested::TYPE => {
-                let request = ChatRequested::from_event(event)?;
-                self.contextualize(event, request, ctx).await
-            }
-            other => Err(HandlerError::new(
-                ErrorCode::UnknownType,
-                format!("the retriever does not handle {other}"),
-            )),
+            RetrieverInput::Chat(request) => self.contextualize(&input.event, request, ctx).await,
         }
     }
 }

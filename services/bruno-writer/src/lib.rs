@@ -14,7 +14,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bruno_events::payload::{DocumentIndexed, EmbedderInfo, MemoryWrite, Table};
+use bruno_events::legacy::MemoryWriteV1;
+use bruno_events::payload::{
+    ChunkWrite, DocumentIndexed, EmbedderInfo, MemoryWrite, Table, TurnWrite,
+};
 use bruno_events::{Event, reply_event};
 use bruno_runtime::{Context, Handler, HandlerError, Incoming};
 use bruno_store::{ChunkRow, Chunks, Conversations, DocumentWrite, Store, StoreError, TurnRow};
@@ -132,7 +135,7 @@ impl WriterMetrics {
     }
 }
 
-type Reply = oneshot::Sender<Result<Committed, String>>;
+type Reply = oneshot::Sender<Result<Committed, HandlerError>>;
 
 /// One message's rows, waiting for the batch commit.
 enum Work {
@@ -173,135 +176,104 @@ struct Committed {
     removed: u64,
 }
 
-fn fail_all(group: Vec<Pending>, msg: &str) {
+fn fail_all(group: Vec<Pending>, error: StoreError) {
+    let error = HandlerError::from(error);
     for p in group {
-        let _ = p.reply.send(Err(msg.to_owned()));
+        let _ = p.reply.send(Err(error.clone()));
     }
 }
 
-/// The writer's handler.
+bruno_runtime::inputs! {
+    /// What the writer takes.
+    pub enum WriterInput {
+        /// Typed rows.
+        Write(MemoryWrite),
+        /// Rows of the retired v1 payload, converted (ADR 0009).
+        Legacy(MemoryWriteV1),
+    }
+}
+
+/// The writer's handler: hands each message's rows to the batcher task
+/// (started by the runtime's `start` hook) and waits for their commit; the
+/// runtime's tick runs table maintenance.
 pub struct Writer {
     tx: mpsc::Sender<Pending>,
+    rx: std::sync::Mutex<Option<mpsc::Receiver<Pending>>>,
+    store: Store,
+    tables: Tables,
+    config: WriterConfig,
+    metrics: WriterMetrics,
 }
 
 impl Writer {
-    /// Start the batcher (and the maintenance loop) over `store`.
-    pub fn start(
-        store: Store,
-        config: &WriterConfig,
-        metrics: WriterMetrics,
-        shutdown: CancellationToken,
-    ) -> Self {
+    /// A writer over `store`; its batcher starts with the part.
+    pub fn new(store: Store, config: &WriterConfig, metrics: WriterMetrics) -> Self {
         let (tx, rx) = mpsc::channel(4096);
-        let tables = Tables::default();
-        tokio::spawn(batcher(
-            rx,
+        Self {
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
             store,
-            tables.clone(),
-            config.clone(),
-            metrics.clone(),
-        ));
-        tokio::spawn(maintenance(tables, config.clone(), metrics, shutdown));
-        Self { tx }
+            tables: Tables::default(),
+            config: config.clone(),
+            metrics,
+        }
     }
 }
 
-fn meta_str(row: &bruno_events::payload::MemoryRow, key: &str) -> Option<String> {
-    row.metadata
-        .get(key)
-        .and_then(|v| v.as_str())
-        .map(str::to_owned)
-}
-
-fn to_write(data: &MemoryWrite) -> Result<DocumentWrite, HandlerError> {
-    let missing =
-        |f: &str| HandlerError::invalid_payload(format!("memory.write to chunks needs {f}"));
-    let doc_id = data.doc_id.clone().ok_or_else(|| missing("doc_id"))?;
-    let chunk_ids = data.chunk_ids.clone().ok_or_else(|| missing("chunk_ids"))?;
-    let content_hash = data
-        .content_hash
-        .clone()
-        .ok_or_else(|| missing("content_hash"))?;
-    let rows = data
+fn to_write(w: ChunkWrite) -> DocumentWrite {
+    let rows = w
         .rows
-        .iter()
-        .map(|r| {
-            let source = meta_str(r, "source").ok_or_else(|| missing("rows[].metadata.source"))?;
-            let chunk_index = r
-                .metadata
-                .get("chunk_index")
-                .and_then(|v| v.as_u64())
-                .and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| missing("rows[].metadata.chunk_index"))?;
-            if !chunk_ids.contains(&r.id) {
-                return Err(HandlerError::invalid_payload(format!(
-                    "row {} is not in chunk_ids",
-                    r.id
-                )));
-            }
-            Ok(ChunkRow {
-                id: r.id.clone(),
-                doc_id: doc_id.clone(),
-                source,
-                title: meta_str(r, "title"),
-                text: r.text.clone(),
-                content_hash: content_hash.clone(),
-                chunk_index,
-                vector: r.vector.clone(),
-            })
+        .into_iter()
+        .map(|r| ChunkRow {
+            id: r.id,
+            doc_id: w.doc_id.clone(),
+            source: w.source.clone(),
+            title: w.title.clone(),
+            text: r.text,
+            content_hash: w.content_hash.clone(),
+            chunk_index: r.chunk_index,
+            vector: r.vector,
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(DocumentWrite {
-        doc_id,
+        .collect();
+    DocumentWrite {
+        doc_id: w.doc_id,
         rows,
-        chunk_ids,
-    })
+        chunk_ids: w.chunk_ids,
+    }
 }
 
-fn to_turns(data: &MemoryWrite) -> Result<Vec<TurnRow>, HandlerError> {
-    let missing =
-        |f: &str| HandlerError::invalid_payload(format!("memory.write to conversations needs {f}"));
-    data.rows
-        .iter()
-        .map(|r| {
-            let at =
-                meta_str(r, "created_at").ok_or_else(|| missing("rows[].metadata.created_at"))?;
-            let at = chrono::DateTime::parse_from_rfc3339(&at).map_err(|e| {
-                HandlerError::invalid_payload(format!("rows[].metadata.created_at: {e}"))
-            })?;
-            let role = meta_str(r, "role").ok_or_else(|| missing("rows[].metadata.role"))?;
-            if role != "user" && role != "assistant" {
-                return Err(HandlerError::invalid_payload(format!(
-                    "role {role:?} is neither user nor assistant"
-                )));
-            }
-            Ok(TurnRow {
-                id: r.id.clone(),
-                session_id: meta_str(r, "session_id")
-                    .ok_or_else(|| missing("rows[].metadata.session_id"))?,
-                role,
-                text: r.text.clone(),
-                correlation_id: meta_str(r, "correlation_id")
-                    .ok_or_else(|| missing("rows[].metadata.correlation_id"))?,
-                at_micros: at.timestamp_micros(),
-                vector: r.vector.clone(),
-            })
+fn to_turns(w: TurnWrite) -> Vec<TurnRow> {
+    w.rows
+        .into_iter()
+        .map(|r| TurnRow {
+            id: r.id,
+            session_id: r.session_id,
+            role: r.role.as_str().to_owned(),
+            text: r.text,
+            correlation_id: r.correlation_id,
+            at_micros: r.created_at.timestamp_micros(),
+            vector: r.vector,
         })
         .collect()
 }
 
 impl Handler for Writer {
-    type Input = MemoryWrite;
+    type Input = WriterInput;
 
     async fn handle(
         &self,
-        input: Incoming<MemoryWrite>,
+        input: Incoming<WriterInput>,
         ctx: &Context,
     ) -> Result<Vec<Event>, HandlerError> {
-        let data = &input.data;
-        let work = match data.table {
-            Table::Chunks => Work::Doc(to_write(data)?),
-            Table::Conversations => Work::Turns(to_turns(data)?),
+        let data = match input.data {
+            WriterInput::Write(w) => w,
+            WriterInput::Legacy(v1) => MemoryWrite::try_from(v1)
+                .map_err(|e| HandlerError::invalid_payload(e.to_string()))?,
+        };
+        let embedder = data.embedder().clone();
+        let work = match data {
+            MemoryWrite::Chunks(w) => Work::Doc(to_write(w)),
+            MemoryWrite::Conversations(w) => Work::Turns(to_turns(w)),
         };
         let written = work.rows() as u64;
         let doc_id = match &work {
@@ -311,7 +283,7 @@ impl Handler for Writer {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Pending {
-                embedder: data.embedder.clone(),
+                embedder,
                 work,
                 reply,
             })
@@ -319,14 +291,7 @@ impl Handler for Writer {
             .map_err(|_| HandlerError::internal("writer batcher stopped"))?;
         let committed = rx
             .await
-            .map_err(|_| HandlerError::internal("writer batcher dropped the write"))?
-            .map_err(|e| {
-                if e.starts_with("embedder:") || e.starts_with("invalid row:") {
-                    HandlerError::invalid_payload(e)
-                } else {
-                    HandlerError::dependency(e)
-                }
-            })?;
+            .map_err(|_| HandlerError::internal("writer batcher dropped the write"))??;
         let Some(doc_id) = doc_id else {
             return Ok(Vec::new());
         };
@@ -337,6 +302,27 @@ impl Handler for Writer {
             table_version: committed.version,
         };
         Ok(vec![reply_event(&input.event, &ctx.source, 0, &indexed)])
+    }
+
+    async fn start(&self, ctx: &Context) {
+        let rx = self.rx.lock().ok().and_then(|mut rx| rx.take());
+        let Some(rx) = rx else {
+            warn!("writer started twice; the batcher runs already");
+            return;
+        };
+        let (store, tables) = (self.store.clone(), self.tables.clone());
+        let (config, metrics) = (self.config.clone(), self.metrics.clone());
+        ctx.spawn(|stopped| batcher(rx, store, tables, config, metrics, stopped));
+    }
+
+    fn tick_every(&self) -> Option<Duration> {
+        Some(Duration::from_secs(
+            self.config.maintenance_interval_secs.max(1),
+        ))
+    }
+
+    async fn tick(&self, _ctx: &Context) {
+        maintain(&self.tables, &self.config, &self.metrics).await;
     }
 }
 
@@ -375,25 +361,22 @@ impl Tables {
     }
 }
 
-fn store_error(e: StoreError) -> String {
-    match e {
-        StoreError::EmbedderMismatch { .. } => format!("embedder: {e}"),
-        StoreError::InvalidRow(_) => format!("invalid row: {e}"),
-        other => other.to_string(),
-    }
-}
-
 async fn batcher(
     mut rx: mpsc::Receiver<Pending>,
     store: Store,
     tables: Tables,
     config: WriterConfig,
     metrics: WriterMetrics,
+    stopped: CancellationToken,
 ) {
     let max_wait = Duration::from_millis(config.batch_ms);
     // Here, between commits, compaction never races a write.
     let mut since_compaction: HashMap<Table, u32> = HashMap::new();
-    while let Some(first) = rx.recv().await {
+    // Stopped fires once every in-flight message settled: nothing waits here then.
+    while let Some(first) = tokio::select! {
+        p = rx.recv() => p,
+        _ = stopped.cancelled() => None,
+    } {
         let mut batch = vec![first];
         let mut rows = batch[0].work.rows();
         let deadline = tokio::time::Instant::now() + max_wait;
@@ -466,7 +449,7 @@ async fn commit_turns(
     let table = match tables.conversations(store, &group[0].embedder).await {
         Ok(t) => t,
         Err(e) => {
-            fail_all(group, &store_error(e));
+            fail_all(group, e);
             return false;
         }
     };
@@ -506,7 +489,7 @@ async fn commit_turns(
         }
         Err(e) => {
             warn!(error = %e, rows = rows.len(), "commit failed");
-            fail_all(group, &store_error(e));
+            fail_all(group, e);
             false
         }
     }
@@ -522,7 +505,7 @@ async fn commit(
     let table = match tables.chunks(store, &group[0].embedder).await {
         Ok(t) => t,
         Err(e) => {
-            fail_all(group, &store_error(e));
+            fail_all(group, e);
             return false;
         }
     };
@@ -545,7 +528,7 @@ async fn commit(
     let stale = match table.stale_counts(&docs).await {
         Ok(s) => s,
         Err(e) => {
-            fail_all(group, &e.to_string());
+            fail_all(group, e);
             return false;
         }
     };
@@ -583,56 +566,43 @@ async fn commit(
         }
         Err(e) => {
             warn!(error = %e, rows, "commit failed");
-            fail_all(group, &store_error(e));
+            fail_all(group, e);
             false
         }
     }
 }
 
-async fn maintenance(
-    tables: Tables,
-    config: WriterConfig,
-    metrics: WriterMetrics,
-    shutdown: CancellationToken,
-) {
-    let mut tick =
-        tokio::time::interval(Duration::from_secs(config.maintenance_interval_secs.max(1)));
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let keep = chrono::Duration::hours(config.keep_versions_hours);
-        let chunks: Vec<Chunks> = tables.chunks.lock().await.values().cloned().collect();
-        for t in chunks {
-            match t.maintain(keep).await {
-                Ok(()) => {
-                    if let Ok(n) = t.count(None).await {
-                        metrics.chunk_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
-                    }
-                    info!(table = "chunks", "table maintenance done");
+/// Compaction, index and cleanup of every open table (the runtime's tick).
+async fn maintain(tables: &Tables, config: &WriterConfig, metrics: &WriterMetrics) {
+    let keep = chrono::Duration::hours(config.keep_versions_hours);
+    let chunks: Vec<Chunks> = tables.chunks.lock().await.values().cloned().collect();
+    for t in chunks {
+        match t.maintain(keep).await {
+            Ok(()) => {
+                if let Ok(n) = t.count(None).await {
+                    metrics.chunk_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
                 }
-                Err(e) => warn!(error = %e, table = "chunks", "table maintenance failed"),
+                info!(table = "chunks", "table maintenance done");
             }
+            Err(e) => warn!(error = %e, table = "chunks", "table maintenance failed"),
         }
-        let conversations: Vec<Conversations> = tables
-            .conversations
-            .lock()
-            .await
-            .values()
-            .cloned()
-            .collect();
-        for t in conversations {
-            match t.maintain(keep).await {
-                Ok(()) => {
-                    if let Ok(n) = t.count(None).await {
-                        metrics.turn_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
-                    }
-                    info!(table = "conversations", "table maintenance done");
+    }
+    let conversations: Vec<Conversations> = tables
+        .conversations
+        .lock()
+        .await
+        .values()
+        .cloned()
+        .collect();
+    for t in conversations {
+        match t.maintain(keep).await {
+            Ok(()) => {
+                if let Ok(n) = t.count(None).await {
+                    metrics.turn_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
                 }
-                Err(e) => warn!(error = %e, table = "conversations", "table maintenance failed"),
+                info!(table = "conversations", "table maintenance done");
             }
+            Err(e) => warn!(error = %e, table = "conversations", "table maintenance failed"),
         }
     }
 }

@@ -6,11 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bruno_broker::{PartSpec, dlq};
-use bruno_events::payload::{DocumentIndexed, EmbedderInfo, MemoryRow, MemoryWrite, Table};
+use bruno_events::legacy::{MemoryRowV1, MemoryWriteV1};
+use bruno_events::payload::{
+    ChunkRecord, ChunkWrite, DocumentIndexed, EmbedderInfo, MemoryWrite, Role, Table, TurnRecord,
+    TurnWrite,
+};
 use bruno_events::{AttributesReader, Event, EventData, decode_data, new_event};
+use bruno_runtime::FromEvent;
 use bruno_store::{EmbedderInfo as StoreEmbedder, Store, StoreConfig};
 use bruno_system_tests::{Harness, Recorder, recv_n};
-use bruno_writer::{Writer, WriterConfig, WriterMetrics};
+use bruno_writer::{Writer, WriterConfig, WriterInput, WriterMetrics};
 use tokio_util::sync::CancellationToken;
 
 const DIM: u32 = 8;
@@ -33,29 +38,31 @@ fn write_event(doc: usize, version: &str, chunks: usize, dim: u32) -> Event {
         .map(|(i, id)| {
             let mut vector = vec![0.0; dim as usize];
             vector[(doc + i) % dim as usize] = 1.0;
-            MemoryRow {
+            ChunkRecord {
                 id: id.clone(),
+                chunk_index: i as u32,
                 text: format!("chunk {i} of {doc_id} version {version}"),
                 vector,
-                metadata: BTreeMap::from([
-                    ("source".to_owned(), serde_json::json!("tests")),
-                    ("title".to_owned(), serde_json::json!(format!("Doc {doc}"))),
-                    ("chunk_index".to_owned(), serde_json::json!(i)),
-                ]),
             }
         })
         .collect();
     new_event(
         "tests",
-        &MemoryWrite {
-            table: Table::Chunks,
-            rows,
+        &MemoryWrite::Chunks(ChunkWrite {
             embedder: embedder(dim),
-            doc_id: Some(doc_id),
-            chunk_ids: Some(ids),
-            content_hash: Some(version.into()),
-        },
+            doc_id,
+            source: "tests".into(),
+            title: Some(format!("Doc {doc}")),
+            content_hash: version.into(),
+            chunk_ids: ids,
+            rows,
+        }),
     )
+}
+
+/// The writer's queue, bound on every type its handler takes.
+fn writer_spec() -> PartSpec {
+    PartSpec::on_types("writer", &WriterInput::types()).single_active()
 }
 
 struct Running {
@@ -78,7 +85,7 @@ fn start_writer(broker: bruno_broker::Broker, store: Store) -> Running {
 fn start_writer_with(broker: bruno_broker::Broker, store: Store, config: WriterConfig) -> Running {
     let shutdown = CancellationToken::new();
     let metrics = WriterMetrics::default();
-    let writer = Writer::start(store, &config, metrics.clone(), shutdown.clone());
+    let writer = Writer::new(store, &config, metrics.clone());
     let task = tokio::spawn(bruno_runtime::run_pull(
         broker,
         "writer",
@@ -106,7 +113,7 @@ async fn open_store(dir: &tempfile::TempDir) -> Store {
 #[tokio::test]
 async fn writes_are_batched_exactly_once_and_survive_a_killed_writer() {
     let h = Harness::new(vec![
-        PartSpec::on_types("writer", &[MemoryWrite::TYPE]).single_active(),
+        writer_spec(),
         PartSpec::on_types("observer", &[DocumentIndexed::TYPE]),
     ])
     .await;
@@ -204,10 +211,7 @@ async fn writes_are_batched_exactly_once_and_survive_a_killed_writer() {
 
 #[tokio::test]
 async fn bad_writes_are_dead_lettered_with_a_reason() {
-    let h = Harness::new(vec![
-        PartSpec::on_types("writer", &[MemoryWrite::TYPE]).single_active(),
-    ])
-    .await;
+    let h = Harness::new(vec![writer_spec()]).await;
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(&dir).await;
     let w = start_writer(h.broker.clone(), store.clone());
@@ -220,7 +224,9 @@ async fn bad_writes_are_dead_lettered_with_a_reason() {
     // A row outside the declared chunk-id set.
     let mut stray = write_event(3, "v1", 2, DIM);
     let mut data: MemoryWrite = decode_data(&stray).unwrap();
-    data.chunk_ids = Some(vec!["somewhere-else".into()]);
+    if let MemoryWrite::Chunks(w) = &mut data {
+        w.chunk_ids = vec!["somewhere-else".into()];
+    }
     stray.set_data(bruno_events::JSON, serde_json::to_value(&data).unwrap());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let chunks = loop {
@@ -270,49 +276,144 @@ async fn bad_writes_are_dead_lettered_with_a_reason() {
 }
 
 fn turn_event(n: usize) -> Event {
-    let row = |role: &str, text: String| MemoryRow {
-        id: format!("turn-{n}-{role}"),
+    let row = |role: Role, text: String| TurnRecord {
+        id: format!("turn-{n}-{}", role.as_str()),
+        session_id: "s1".into(),
+        role,
+        correlation_id: format!("c{n}"),
+        created_at: format!("2026-11-25T10:00:{n:02}Z").parse().unwrap(),
         text,
         vector: {
             let mut v = vec![0.0; DIM as usize];
             v[n % DIM as usize] = 1.0;
             v
         },
-        metadata: BTreeMap::from([
-            ("session_id".to_owned(), serde_json::json!("s1")),
-            ("role".to_owned(), serde_json::json!(role)),
-            (
-                "correlation_id".to_owned(),
-                serde_json::json!(format!("c{n}")),
-            ),
-            (
-                "created_at".to_owned(),
-                serde_json::json!(format!("2026-11-25T10:00:{n:02}Z")),
-            ),
-        ]),
     };
     new_event(
         "tests",
-        &MemoryWrite {
-            table: Table::Conversations,
-            rows: vec![
-                row("user", format!("question {n}")),
-                row("assistant", format!("answer {n}")),
-            ],
+        &MemoryWrite::Conversations(TurnWrite {
             embedder: embedder(DIM),
-            doc_id: None,
-            chunk_ids: None,
-            content_hash: None,
-        },
+            rows: vec![
+                row(Role::User, format!("question {n}")),
+                row(Role::Assistant, format!("answer {n}")),
+            ],
+        }),
     )
+}
+
+/// `memory.write.v1` messages (still in a queue from before the upgrade,
+/// or from an embedder not yet upgraded) are read, not lost (ADR 0009).
+#[tokio::test]
+async fn retired_v1_writes_are_still_stored() {
+    let h = Harness::new(vec![writer_spec()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir).await;
+    let w = start_writer(h.broker.clone(), store.clone());
+    let vector = |i: usize| {
+        let mut v = vec![0.0; DIM as usize];
+        v[i] = 1.0;
+        v
+    };
+    let chunk = |i: usize| MemoryRowV1 {
+        id: format!("old-doc:{i}"),
+        text: format!("old chunk {i}"),
+        vector: vector(i),
+        metadata: BTreeMap::from([
+            ("source".to_owned(), serde_json::json!("legacy")),
+            ("title".to_owned(), serde_json::json!("Old")),
+            ("chunk_index".to_owned(), serde_json::json!(i)),
+        ]),
+    };
+    let turn = |role: &str| MemoryRowV1 {
+        id: format!("old-turn-{role}"),
+        text: format!("{role} said"),
+        vector: vector(3),
+        metadata: BTreeMap::from([
+            ("session_id".to_owned(), serde_json::json!("old-session")),
+            ("role".to_owned(), serde_json::json!(role)),
+            ("correlation_id".to_owned(), serde_json::json!("c-old")),
+            (
+                "created_at".to_owned(),
+                serde_json::json!("2026-01-02T03:04:05Z"),
+            ),
+        ]),
+    };
+    let docs = MemoryWriteV1 {
+        table: Table::Chunks,
+        rows: vec![chunk(0), chunk(1)],
+        embedder: embedder(DIM),
+        doc_id: Some("old-doc".into()),
+        chunk_ids: Some(vec!["old-doc:0".into(), "old-doc:1".into()]),
+        content_hash: Some("h".into()),
+    };
+    let turns = MemoryWriteV1 {
+        table: Table::Conversations,
+        rows: vec![turn("user"), turn("assistant")],
+        embedder: embedder(DIM),
+        doc_id: None,
+        chunk_ids: None,
+        content_hash: None,
+    };
+    // One v1 turn with a role the typed payload cannot hold: dead-lettered.
+    let mut bad = turns.clone();
+    bad.rows[0]
+        .metadata
+        .insert("role".into(), serde_json::json!("narrator"));
+    bad.rows.truncate(1);
+    let bad = new_event("tests", &bad);
+    h.broker
+        .publish_all(&[
+            new_event("tests", &docs),
+            new_event("tests", &turns),
+            bad.clone(),
+        ])
+        .await
+        .unwrap();
+    let info = StoreEmbedder {
+        model: "test/fake".into(),
+        dimension: DIM,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let chunks = match store.existing_chunks(&info).await.unwrap() {
+            Some(c) => c.count(Some("old-doc")).await.unwrap(),
+            None => 0,
+        };
+        let turns = match store.existing_conversations(&info).await.unwrap() {
+            Some(c) => c.count(Some("old-session")).await.unwrap(),
+            None => 0,
+        };
+        let dead = h.depth(&h.topology.names.dlq("writer")).await;
+        if (chunks, turns, dead) == (2, 2, 1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "v1 writes not stored: {chunks} chunks, {turns} turns, {dead} dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let conversations = store.existing_conversations(&info).await.unwrap().unwrap();
+    let recent = conversations.recent("old-session", 10).await.unwrap();
+    let mut roles: Vec<_> = recent.iter().map(|t| t.role.as_str()).collect();
+    roles.sort_unstable();
+    assert_eq!(roles, ["assistant", "user"]);
+    let letters = dlq::list(&h.broker, "writer", 10).await.unwrap();
+    assert_eq!(letters[0].id, bad.id());
+    assert_eq!(letters[0].code, "invalid_payload");
+    assert!(
+        letters[0].reason.contains("narrator"),
+        "{}",
+        letters[0].reason
+    );
+    w.shutdown.cancel();
+    w.task.await.unwrap();
+    h.cleanup().await;
 }
 
 #[tokio::test]
 async fn the_writer_compacts_a_table_every_few_commits() {
-    let h = Harness::new(vec![
-        PartSpec::on_types("writer", &[MemoryWrite::TYPE]).single_active(),
-    ])
-    .await;
+    let h = Harness::new(vec![writer_spec()]).await;
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(&dir).await;
     let w = start_writer_with(

@@ -1,0 +1,516 @@
+//! The part registry: every part of the fleet, declared once.
+//!
+//! An entry names the part, says what it takes (derived from its handler's
+//! input type, so the bindings cannot disagree with the code), whether it
+//! consumes a queue or serves HTTP, what it needs loaded, its place in the
+//! shutdown order, and how to build it from the config. `bruno <part>`,
+//! `bruno dev [--parts a,b]`, the broker topology, the AsyncAPI document,
+//! `deploy/rabbitmq/topology.yaml` and the part table in
+//! `docs/architecture.md` all read this one list. Adding a part is one
+//! crate plus one entry here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::Router;
+use bruno_broker::{Broker, PartSpec};
+use bruno_embed::AnyEmbedder;
+use bruno_embedder::{EmbedderMetrics, EmbedderService};
+use bruno_gateway::{Gateway, GatewayMetrics};
+use bruno_generator::{Generator, GeneratorMetrics};
+use bruno_ingress::{Ingress, IngressMetrics};
+use bruno_retriever::{Retriever, RetrieverMetrics};
+use bruno_runtime::admin::Readiness;
+use bruno_runtime::{FromEvent, Handler};
+use bruno_store::Store;
+use bruno_writer::{Writer, WriterMetrics};
+use futures_util::future::BoxFuture;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::Config;
+
+/// When a part stops on shutdown: every part of a stage has stopped before
+/// the next stage is told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// HTTP fronts: stop taking requests first.
+    Front,
+    /// Consumers: finish their in-flight messages.
+    Worker,
+    /// The writer: commits what the workers handed it, then stops.
+    Store,
+}
+
+/// How a part runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Consumes its own queue (pull mode); a Knative Trigger in push mode.
+    Consumer {
+        /// One active consumer at a time (the others are hot standbys).
+        single_active: bool,
+    },
+    /// Serves HTTP (a Knative Service).
+    Http,
+    /// Only its queue exists yet, so its events wait durably: there is no
+    /// handler to run.
+    QueueOnly,
+}
+
+/// What a part's build gets: the config and everything shared in the process.
+pub struct Build<'a> {
+    /// The whole config.
+    pub config: &'a Config,
+    /// The process's broker connection.
+    pub broker: &'a Broker,
+    /// Where the part registers its metrics.
+    pub metrics: &'a mut Registry,
+    /// The process's readiness checks; a part adds its own.
+    pub readiness: &'a mut Readiness,
+    /// Fires when this part is told to stop (its stage's turn).
+    pub stop: CancellationToken,
+    pub(crate) model: Option<&'a Arc<AnyEmbedder>>,
+    pub(crate) store: Option<&'a Store>,
+}
+
+impl Build<'_> {
+    /// The embedding model (loaded because the entry says it needs it).
+    pub fn model(&self) -> anyhow::Result<Arc<AnyEmbedder>> {
+        self.model
+            .cloned()
+            .context("part needs the model but its entry does not say so")
+    }
+    /// The store (opened because the entry says it needs it).
+    pub fn store(&self) -> anyhow::Result<Store> {
+        self.store
+            .cloned()
+            .context("part needs the store but its entry does not say so")
+    }
+    /// Consume `name`'s queue with `handler` until this part is told to stop.
+    pub fn consumer<H: Handler>(&self, name: &str, concurrency: u16, handler: H) -> Started {
+        let (broker, name, stop) = (self.broker.clone(), name.to_owned(), self.stop.clone());
+        Started::Consumer(Box::pin(async move {
+            bruno_runtime::run_pull(broker, &name, concurrency, Arc::new(handler), stop).await;
+        }))
+    }
+    /// Add a readiness check.
+    pub fn ready_when(&mut self, name: &str, check: impl Fn() -> bool + Send + Sync + 'static) {
+        let readiness = std::mem::take(self.readiness);
+        *self.readiness = readiness.check(name, check);
+    }
+}
+
+/// A built part, ready to run.
+pub enum Started {
+    /// A consumer loop (ends after its stop token fired and it drained).
+    Consumer(BoxFuture<'static, ()>),
+    /// An HTTP service to serve on `listen` (stops taking requests on shutdown).
+    Http {
+        /// Config key and address to bind.
+        listen: (&'static str, SocketAddr),
+        /// Its routes.
+        router: Router,
+    },
+}
+
+/// One part of the fleet.
+pub struct PartEntry {
+    /// Its name: the subcommand, the queue, the `bruno/<name>` source.
+    pub name: &'static str,
+    /// One line on what it does.
+    pub about: &'static str,
+    /// Queue consumer, HTTP service, or queue only.
+    pub role: Role,
+    /// Its place in the shutdown order.
+    pub stage: Stage,
+    /// Event types it consumes from its queue (its handler's input types).
+    pub consumes: fn() -> Vec<&'static str>,
+    /// Reply event types it awaits on its own inbox (the gateway).
+    pub awaits: &'static [&'static str],
+    /// It needs the embedding model loaded.
+    pub needs_model: bool,
+    /// It needs the LanceDB store opened.
+    pub needs_store: bool,
+    /// Build it.
+    pub build: fn(&mut Build<'_>) -> anyhow::Result<Started>,
+}
+
+impl PartEntry {
+    /// How it runs, in words.
+    pub fn role_label(&self) -> &'static str {
+        match self.role {
+            Role::Consumer {
+                single_active: true,
+            } => "queue consumer, single active",
+            Role::Consumer { .. } => "queue consumer",
+            Role::Http => "HTTP service",
+            Role::QueueOnly => "queue only (not built)",
+        }
+    }
+
+    /// When it stops, in words.
+    pub fn stage_label(&self) -> &'static str {
+        match self.stage {
+            Stage::Front => "1st",
+            Stage::Worker => "2nd",
+            Stage::Store => "3rd",
+        }
+    }
+}
+
+impl std::fmt::Debug for PartEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartEntry")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn types_of<H: Handler>() -> Vec<&'static str> {
+    <H::Input as FromEvent>::types()
+}
+
+fn none() -> Vec<&'static str> {
+    Vec::new()
+}
+
+fn backup_types() -> Vec<&'static str> {
+    use bruno_events::EventData;
+    vec![bruno_events::payload::BackupRequested::TYPE]
+}
+
+static PARTS: &[PartEntry] = &[
+    PartEntry {
+        name: "ingress",
+        about: "HTTP CloudEvents in, published with confirms",
+        role: Role::Http,
+        stage: Stage::Front,
+        consumes: none,
+        awaits: &[],
+        needs_model: false,
+        needs_store: false,
+        build: |b| {
+            let metrics = IngressMetrics::default();
+            metrics.register(b.metrics);
+            let config = &b.config.ingress;
+            let ingress = Arc::new(Ingress::new(config, b.broker.clone(), metrics)?);
+            Ok(Started::Http {
+                listen: ("ingress.listen", config.listen),
+                router: bruno_ingress::router(ingress, config.max_body_bytes),
+            })
+        },
+    },
+    PartEntry {
+        name: "embedder",
+        about: "documents and finished turns → chunks → vectors → memory.write",
+        role: Role::Consumer {
+            single_active: false,
+        },
+        stage: Stage::Worker,
+        consumes: types_of::<EmbedderService>,
+        awaits: &[],
+        needs_model: true,
+        needs_store: true,
+        build: |b| {
+            let metrics = EmbedderMetrics::default();
+            metrics.register(b.metrics);
+            let config = b.config;
+            let handler = EmbedderService::new(
+                b.model()?,
+                Some(b.store()?),
+                config.chunking.clone(),
+                metrics,
+            );
+            Ok(b.consumer("embedder", config.consumers.embedder, handler))
+        },
+    },
+    PartEntry {
+        name: "writer",
+        about: "the one LanceDB writer: batched commits, compaction",
+        role: Role::Consumer {
+            single_active: true,
+        },
+        stage: Stage::Store,
+        consumes: types_of::<Writer>,
+        awaits: &[],
+        needs_model: false,
+        needs_store: true,
+        build: |b| {
+            let metrics = WriterMetrics::default();
+            metrics.register(b.metrics);
+            let config = &b.config.writer;
+            let handler = Writer::new(b.store()?, config, metrics);
+            Ok(b.consumer("writer", config.concurrency, handler))
+        },
+    },
+    PartEntry {
+        name: "retriever",
+        about: "hybrid search replies and chat context",
+        role: Role::Consumer {
+            single_active: false,
+        },
+        stage: Stage::Worker,
+        consumes: types_of::<Retriever>,
+        awaits: &[],
+        needs_model: true,
+        needs_store: true,
+        build: |b| {
+            let metrics = RetrieverMetrics::default();
+            metrics.register(b.metrics);
+            let config = b.config;
+            let handler = Retriever::new(b.model()?, b.store()?, config.retriever.clone(), metrics);
+            Ok(b.consumer("retriever", config.consumers.retriever, handler))
+        },
+    },
+    PartEntry {
+        name: "generator",
+        about: "the LLM: streamed chat.delta, chat.completed, circuit breaker",
+        role: Role::Consumer {
+            single_active: false,
+        },
+        stage: Stage::Worker,
+        consumes: types_of::<Generator>,
+        awaits: &[],
+        needs_model: false,
+        needs_store: false,
+        build: |b| {
+            let metrics = GeneratorMetrics::default();
+            metrics.register(b.metrics);
+            let config = b.config;
+            let handler = Generator::new(config.generator.clone(), metrics);
+            Ok(b.consumer("generator", config.consumers.generator, handler))
+        },
+    },
+    PartEntry {
+        name: "gateway",
+        about: "HTTP chat, search and OpenAI-compatible APIs over correlated replies",
+        role: Role::Http,
+        stage: Stage::Front,
+        consumes: none,
+        awaits: &bruno_gateway::REPLY_TYPES,
+        needs_model: false,
+        needs_store: false,
+        build: |b| {
+            let metrics = GatewayMetrics::default();
+            metrics.register(b.metrics);
+            let config = &b.config.gateway;
+            let gateway = Arc::new(Gateway::new(
+                config.clone(),
+                b.broker.clone(),
+                metrics,
+                b.stop.clone(),
+            )?);
+            let ready = gateway.clone();
+            b.ready_when("reply-queue", move || ready.is_ready());
+            Ok(Started::Http {
+                listen: ("gateway.listen", config.listen),
+                router: bruno_gateway::router(gateway),
+            })
+        },
+    },
+    PartEntry {
+        name: "backup",
+        about: "LanceDB backups (not built yet: its queue holds requests durably)",
+        role: Role::QueueOnly,
+        stage: Stage::Worker,
+        consumes: backup_types,
+        awaits: &[],
+        needs_model: false,
+        needs_store: false,
+        build: |_| anyhow::bail!("the backup part is not built yet; its queue keeps requests"),
+    },
+];
+
+/// Every part.
+pub fn entries() -> &'static [PartEntry] {
+    PARTS
+}
+
+/// A part by name.
+pub fn find(name: &str) -> Option<&'static PartEntry> {
+    PARTS.iter().find(|p| p.name == name)
+}
+
+/// The names of every part a process can run (what `bruno dev` runs).
+pub fn runnable() -> Vec<&'static str> {
+    PARTS
+        .iter()
+        .filter(|p| p.role != Role::QueueOnly)
+        .map(|p| p.name)
+        .collect()
+}
+
+/// The parts named, in registry order; an unknown or unrunnable name is an error.
+pub fn select(names: &[&str]) -> anyhow::Result<Vec<&'static PartEntry>> {
+    for name in names {
+        match find(name) {
+            None => anyhow::bail!(
+                "unknown part {name:?}; the parts are {}",
+                runnable().join(", ")
+            ),
+            Some(p) if p.role == Role::QueueOnly => {
+                anyhow::bail!("part {name} cannot run: {}", p.about)
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(PARTS.iter().filter(|p| names.contains(&p.name)).collect())
+}
+
+/// The broker topology's parts: one queue per consuming part, bound on the
+/// types its handler takes.
+pub fn part_specs() -> Vec<PartSpec> {
+    PARTS
+        .iter()
+        .filter_map(|p| match p.role {
+            Role::Http => None,
+            Role::Consumer { single_active } => {
+                let spec = PartSpec::on_types(p.name, &(p.consumes)());
+                Some(if single_active {
+                    spec.single_active()
+                } else {
+                    spec
+                })
+            }
+            Role::QueueOnly => Some(PartSpec::on_types(p.name, &(p.consumes)())),
+        })
+        .collect()
+}
+
+/// The parts that take events of type `ty` (from a queue or an inbox).
+pub fn consumers_of(ty: &str) -> Vec<String> {
+    PARTS
+        .iter()
+        .filter(|p| (p.consumes)().contains(&ty) || p.awaits.contains(&ty))
+        .map(|p| p.name.to_owned())
+        .collect()
+}
+
+/// The AsyncAPI document of the catalogue, with each type's consumers.
+pub fn asyncapi() -> serde_json::Value {
+    bruno_events::asyncapi::document(consumers_of)
+}
+
+/// The part table of `docs/architecture.md`.
+pub fn markdown_table() -> String {
+    let mut out =
+        String::from("| part | runs as | consumes | stops | needs |\n|---|---|---|---|---|\n");
+    for p in PARTS {
+        let role = p.role_label();
+        let mut takes: Vec<String> = (p.consumes)().iter().map(|t| format!("`{t}`")).collect();
+        takes.extend(p.awaits.iter().map(|t| format!("`{t}` (replies)")));
+        let stage = p.stage_label();
+        let mut needs = Vec::new();
+        if p.needs_model {
+            needs.push("model");
+        }
+        if p.needs_store {
+            needs.push("LanceDB");
+        }
+        out.push_str(&format!(
+            "| `{}` | {role} | {} | {stage} | {} |\n",
+            p.name,
+            if takes.is_empty() {
+                "HTTP".to_owned()
+            } else {
+                takes.join(", ")
+            },
+            if needs.is_empty() {
+                "broker".to_owned()
+            } else {
+                format!("broker, {}", needs.join(", "))
+            },
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_every_type_is_in_the_catalogue() {
+        let mut seen = std::collections::HashSet::new();
+        for p in entries() {
+            assert!(seen.insert(p.name), "duplicate part {}", p.name);
+            for ty in (p.consumes)().iter().chain(p.awaits) {
+                assert!(
+                    bruno_events::entry(ty).is_some(),
+                    "{} takes unknown {ty}",
+                    p.name
+                );
+            }
+            match p.role {
+                Role::Http => assert!((p.consumes)().is_empty(), "{}", p.name),
+                _ => assert!(!(p.consumes)().is_empty(), "{} binds nothing", p.name),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_and_unbuilt_parts_are_refused_by_name() {
+        let err = select(&["ingress", "nope"]).unwrap_err().to_string();
+        assert!(err.contains("unknown part \"nope\""), "{err}");
+        let err = select(&["backup"]).unwrap_err().to_string();
+        assert!(err.contains("cannot run"), "{err}");
+        let picked: Vec<_> = select(&["writer", "ingress"])
+            .unwrap()
+            .iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(picked, ["ingress", "writer"]);
+    }
+
+    /// The committed `docs/asyncapi.json` is what the catalogue and the
+    /// registry render. Regenerate with
+    /// `cargo run -p bruno-cli --bin bruno -- events asyncapi > docs/asyncapi.json`.
+    #[test]
+    fn committed_asyncapi_document_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/asyncapi.json");
+        let committed = std::fs::read_to_string(path).expect("docs/asyncapi.json exists");
+        let committed: serde_json::Value = serde_json::from_str(&committed).expect("valid JSON");
+        assert!(
+            committed == asyncapi(),
+            "docs/asyncapi.json is stale; regenerate it with `bruno events asyncapi`"
+        );
+    }
+
+    /// `docs/architecture.md` shows the registry's part table between its
+    /// markers. Regenerate with `bruno parts --markdown`.
+    #[test]
+    fn the_architecture_doc_shows_the_registry() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/architecture.md");
+        let doc = std::fs::read_to_string(path).expect("docs/architecture.md exists");
+        let start = doc.find("<!-- parts:begin -->").expect("begin marker");
+        let end = doc.find("<!-- parts:end -->").expect("end marker");
+        let shown = doc[start + "<!-- parts:begin -->".len()..end].trim();
+        assert_eq!(
+            shown,
+            markdown_table().trim(),
+            "run `bruno parts --markdown`"
+        );
+        // The picture draws every part, and nothing that is not one: its row
+        // of parts (the line under the arrows) holds only registry names.
+        let picture = doc.split("```").nth(1).expect("the picture");
+        for p in entries() {
+            assert!(
+                picture.contains(p.name),
+                "{} missing from the picture",
+                p.name
+            );
+        }
+        let row = picture
+            .lines()
+            .find(|l| l.trim_start().starts_with("embedder"))
+            .expect("the row of parts");
+        for word in row.split_whitespace() {
+            let name = word.trim_matches(|c| c == '(' || c == ')');
+            assert!(
+                find(name).is_some(),
+                "the picture draws {name:?}, which is no part"
+            );
+        }
+    }
+}
