@@ -259,11 +259,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Parts { markdown: false } => {
             for p in registry::entries() {
-                let takes = (p.consumes)().join(", ");
-                println!(
-                    "{:10} {:?}/{:?}  {}  [{}]",
-                    p.name, p.role, p.stage, p.about, takes
-                );
+                let (role, stage) = (p.role_label(), p.stage_label());
+                println!("{}  ({role}, stops {stage})\n    {}", p.name, p.about);
+                for ty in (p.consumes)().iter().chain(p.awaits) {
+                    println!("    takes {ty}");
+                }
             }
             Ok(())
         }
