@@ -116,6 +116,7 @@ fn config(h: &Harness, dir: &std::path::Path) -> Config {
             uri: dir.display().to_string(),
             ..StoreConfig::default()
         },
+        backup: bruno_system_tests::backup_config(dir),
         ..Config::default()
     };
     c.ingress.listen = "127.0.0.1:0".parse().unwrap();

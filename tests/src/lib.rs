@@ -533,3 +533,101 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A real S3-compatible server for this test: `moto_server` (PyPI
+/// `moto[server]`, installed by `.ci/run`) on a free loopback port, with one
+/// bucket. Killed when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    /// The bucket it holds.
+    pub bucket: String,
+}
+
+impl S3Server {
+    /// Start the server and create `bucket`.
+    pub async fn start(bucket: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 -m moto.server (pip install 'moto[server]')");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let server = Self {
+            child,
+            endpoint,
+            bucket: bucket.to_owned(),
+        };
+        let client = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            // S3 CreateBucket: PUT /<bucket>.
+            match client
+                .put(format!("{}/{bucket}", server.endpoint))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => break,
+                _ if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                other => panic!("moto did not start: {other:?}"),
+            }
+        }
+        server
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Backup settings inside `dir` (a test's temp dir, which may be the store
+/// itself: LanceDB only reads `*.lance` directories) and no schedule, so a
+/// test running every part never writes beside its temp dir.
+pub fn backup_config(dir: &std::path::Path) -> bruno_backup::BackupConfig {
+    bruno_backup::BackupConfig {
+        target: Some(dir.join("backups").display().to_string()),
+        key_file: Some(dir.join("backup.key")),
+        work_dir: Some(dir.join("backup-work")),
+        interval_minutes: 0,
+        ..Default::default()
+    }
+}
+
+/// `config` as the `BRUNO_BROKER__*` variables a `bruno` child process reads.
+pub fn broker_env(config: &BrokerConfig) -> Vec<(&'static str, String)> {
+    vec![
+        ("BRUNO_BROKER__URL", config.url.expose().to_owned()),
+        ("BRUNO_BROKER__PREFIX", config.prefix.clone()),
+        (
+            "BRUNO_BROKER__RETRY_DELAYS_MS",
+            format!("{:?}", config.retry_delays_ms),
+        ),
+        (
+            "BRUNO_BROKER__DELIVERY_LIMIT",
+            config.delivery_limit.to_string(),
+        ),
+        (
+            "BRUNO_BROKER__MAX_ATTEMPTS",
+            config.max_attempts.to_string(),
+        ),
+    ]
+}

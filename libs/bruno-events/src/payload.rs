@@ -418,6 +418,9 @@ pub struct BackupCompleted {
     pub tables: Vec<TableBackup>,
     /// SHA-256 of the manifest.
     pub manifest_sha256: String,
+    /// The request was answered by a backup that started after it was made.
+    #[serde(default)]
+    pub duplicate: bool,
 }
 
 /// `bruno.backup.failed.v1`: a backup could not be taken.

@@ -166,6 +166,16 @@ impl Store {
     pub async fn table_names(&self) -> Result<Vec<String>, StoreError> {
         Ok(self.db.table_names().execute().await?)
     }
+
+    /// A table as LanceDB has it, for whole-table work (backups pin a
+    /// version with a tag and copy its files); `None` if it does not exist.
+    pub async fn raw_table(&self, name: &str) -> Result<Option<Table>, StoreError> {
+        match self.db.open_table(name).execute().await {
+            Ok(t) => Ok(Some(t)),
+            Err(lancedb::Error::TableNotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 fn embedder_label(model: &str, dimension: impl std::fmt::Display) -> String {

@@ -21,6 +21,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub mod backup;
 pub mod ingest;
 pub mod registry;
 
@@ -50,6 +51,8 @@ pub struct Config {
     pub retriever: RetrieverConfig,
     /// The generator (the LLM, the prompt, the circuit breaker).
     pub generator: GeneratorConfig,
+    /// Backups: target, key, schedule, retention.
+    pub backup: bruno_backup::BackupConfig,
     /// Messages each consumer works on at once.
     pub consumers: ConsumersConfig,
     /// Logging.

@@ -96,6 +96,30 @@ enum Command {
         #[arg(long, default_value = "bruno-rabbitmq")]
         cluster: String,
     },
+    /// Run the backup part (no subcommand), or take, list and verify backups.
+    Backup {
+        #[command(subcommand)]
+        command: Option<BackupCommand>,
+    },
+    /// Restore a backup into the storage directory (store.uri) or --to.
+    /// Every object is decrypted and checked before anything is touched.
+    Restore {
+        /// The backup to restore.
+        #[arg(long, conflicts_with = "latest", required_unless_present = "latest")]
+        backup: Option<String>,
+        /// The newest verified backup.
+        #[arg(long)]
+        latest: bool,
+        /// Where to (default: store.uri); must be empty unless --force.
+        #[arg(long)]
+        to: Option<String>,
+        /// Move the tables already there aside and restore anyway.
+        #[arg(long)]
+        force: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and replay dead letters.
     Dlq {
         #[command(subcommand)]
@@ -179,6 +203,36 @@ enum DlqCommand {
 }
 
 #[derive(Subcommand)]
+enum BackupCommand {
+    /// Ask the backup part for a backup now and wait for its answer.
+    Run {
+        /// Only these tables (repeatable; default all).
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the backups in the target.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a backup by restoring it into scratch (default: the newest).
+    Verify {
+        /// Backup id.
+        id: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum KeysCommand {
     /// Print the SHA-256 to put in ingress.api_key_hashes (key from the argument or stdin).
     Hash { key: Option<String> },
@@ -203,7 +257,9 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 fn command() -> clap::Command {
     let mut cmd = Cli::command();
     for part in registry::entries() {
-        if registry::runnable().contains(&part.name) {
+        // A part with operator commands of its own (`bruno backup …`) runs
+        // as that command without a subcommand.
+        if cmd.find_subcommand(part.name).is_none() {
             cmd = cmd.subcommand(
                 clap::Command::new(part.name)
                     .about(format!("Run only the {}: {}", part.name, part.about)),
@@ -226,7 +282,11 @@ async fn main() -> ExitCode {
     };
     bruno_runtime::telemetry::init(config.log.json, &config.log.filter);
     let result = match matches.subcommand() {
-        Some((name, _)) if registry::find(name).is_some() => {
+        // A part without a command of its own (`bruno writer`); `bruno
+        // backup` is a command that runs the part when given no subcommand.
+        Some((name, _))
+            if registry::find(name).is_some() && Cli::command().find_subcommand(name).is_none() =>
+        {
             run_parts(config, &[name], bruno_runtime::shutdown::on_signals(), None).await
         }
         _ => match Cli::from_arg_matches(&matches) {
@@ -393,6 +453,25 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => dlq_command(command, &config).await,
+        Command::Backup { command: None } => {
+            run_parts(
+                config,
+                &["backup"],
+                bruno_runtime::shutdown::on_signals(),
+                None,
+            )
+            .await
+        }
+        Command::Backup {
+            command: Some(command),
+        } => bruno_cli::backup::command(command.into(), &config).await,
+        Command::Restore {
+            backup,
+            latest: _,
+            to,
+            force,
+            json,
+        } => bruno_cli::backup::restore(&config, backup, to, force, json).await,
         Command::Keys {
             command: KeysCommand::Hash { key },
         } => {
@@ -480,4 +559,23 @@ async fn dlq_command(command: DlqCommand, config: &Config) -> anyhow::Result<()>
     .await;
     cancel.cancel();
     result
+}
+
+impl From<BackupCommand> for bruno_cli::backup::Op {
+    fn from(c: BackupCommand) -> Self {
+        use bruno_cli::backup::Op;
+        match c {
+            BackupCommand::Run {
+                tables,
+                timeout,
+                json,
+            } => Op::Run {
+                tables,
+                timeout,
+                json,
+            },
+            BackupCommand::List { json } => Op::List { json },
+            BackupCommand::Verify { id, json } => Op::Verify { id, json },
+        }
+    }
 }

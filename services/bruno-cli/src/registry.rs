@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use axum::Router;
+use bruno_backup::{BackupMetrics, BackupService};
 use bruno_broker::{Broker, PartSpec};
 use bruno_embed::AnyEmbedder;
 use bruno_embedder::{EmbedderMetrics, EmbedderService};
@@ -53,9 +54,6 @@ pub enum Role {
     },
     /// Serves HTTP (a Knative Service).
     Http,
-    /// Only its queue exists yet, so its events wait durably: there is no
-    /// handler to run.
-    QueueOnly,
 }
 
 /// What a part's build gets: the config and everything shared in the process.
@@ -145,7 +143,6 @@ impl PartEntry {
             } => "queue consumer, single active",
             Role::Consumer { .. } => "queue consumer",
             Role::Http => "HTTP service",
-            Role::QueueOnly => "queue only (not built)",
         }
     }
 
@@ -173,11 +170,6 @@ fn types_of<H: Handler>() -> Vec<&'static str> {
 
 fn none() -> Vec<&'static str> {
     Vec::new()
-}
-
-fn backup_types() -> Vec<&'static str> {
-    use bruno_events::EventData;
-    vec![bruno_events::payload::BackupRequested::TYPE]
 }
 
 static PARTS: &[PartEntry] = &[
@@ -311,14 +303,23 @@ static PARTS: &[PartEntry] = &[
     },
     PartEntry {
         name: "backup",
-        about: "LanceDB backups (not built yet: its queue holds requests durably)",
-        role: Role::QueueOnly,
+        about: "encrypted LanceDB backups, verified by a restore; retention",
+        role: Role::Consumer {
+            single_active: true,
+        },
         stage: Stage::Worker,
-        consumes: backup_types,
+        consumes: types_of::<BackupService>,
         awaits: &[],
         needs_model: false,
-        needs_store: false,
-        build: |_| anyhow::bail!("the backup part is not built yet; its queue keeps requests"),
+        needs_store: true,
+        build: |b| {
+            let metrics = BackupMetrics::default();
+            metrics.register(b.metrics);
+            let config = &b.config.backup;
+            let engine = config.engine(b.store()?)?;
+            let handler = BackupService::new(engine, config.clone(), metrics);
+            Ok(b.consumer("backup", 1, handler))
+        },
     },
 ];
 
@@ -332,27 +333,19 @@ pub fn find(name: &str) -> Option<&'static PartEntry> {
     PARTS.iter().find(|p| p.name == name)
 }
 
-/// The names of every part a process can run (what `bruno dev` runs).
+/// The names of every part (what `bruno dev` runs).
 pub fn runnable() -> Vec<&'static str> {
-    PARTS
-        .iter()
-        .filter(|p| p.role != Role::QueueOnly)
-        .map(|p| p.name)
-        .collect()
+    PARTS.iter().map(|p| p.name).collect()
 }
 
-/// The parts named, in registry order; an unknown or unrunnable name is an error.
+/// The parts named, in registry order; an unknown name is an error.
 pub fn select(names: &[&str]) -> anyhow::Result<Vec<&'static PartEntry>> {
     for name in names {
-        match find(name) {
-            None => anyhow::bail!(
+        if find(name).is_none() {
+            anyhow::bail!(
                 "unknown part {name:?}; the parts are {}",
                 runnable().join(", ")
-            ),
-            Some(p) if p.role == Role::QueueOnly => {
-                anyhow::bail!("part {name} cannot run: {}", p.about)
-            }
-            Some(_) => {}
+            );
         }
     }
     Ok(PARTS.iter().filter(|p| names.contains(&p.name)).collect())
@@ -373,7 +366,6 @@ pub fn part_specs() -> Vec<PartSpec> {
                     spec
                 })
             }
-            Role::QueueOnly => Some(PartSpec::on_types(p.name, &(p.consumes)())),
         })
         .collect()
 }
@@ -450,11 +442,9 @@ mod tests {
     }
 
     #[test]
-    fn unknown_and_unbuilt_parts_are_refused_by_name() {
+    fn unknown_parts_are_refused_by_name() {
         let err = select(&["ingress", "nope"]).unwrap_err().to_string();
         assert!(err.contains("unknown part \"nope\""), "{err}");
-        let err = select(&["backup"]).unwrap_err().to_string();
-        assert!(err.contains("cannot run"), "{err}");
         let picked: Vec<_> = select(&["writer", "ingress"])
             .unwrap()
             .iter()

@@ -121,6 +121,7 @@ fn fleet_config(h: &Harness, dir: &tempfile::TempDir, llm_url: String) -> Config
             read_consistency_ms: 100,
             ..StoreConfig::default()
         },
+        backup: bruno_system_tests::backup_config(dir.path()),
         ..Config::default()
     };
     config.ingress.listen = "127.0.0.1:0".parse().unwrap();

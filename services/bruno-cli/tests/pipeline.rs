@@ -33,6 +33,7 @@ fn config(h: &Harness, dir: &Path) -> Config {
             read_consistency_ms: 100,
             ..StoreConfig::default()
         },
+        backup: bruno_system_tests::backup_config(dir),
         ..Config::default()
     };
     c.ingress.listen = "127.0.0.1:0".parse().unwrap();
@@ -201,20 +202,7 @@ async fn dead_letters(h: &Harness, n: usize) -> Vec<dlq::DeadLetter> {
 fn spawn_part(part: &str, h: &Harness, dir: &Path) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_bruno"))
         .arg(part)
-        .env("BRUNO_BROKER__URL", h.config.url.expose())
-        .env("BRUNO_BROKER__PREFIX", &h.config.prefix)
-        .env(
-            "BRUNO_BROKER__RETRY_DELAYS_MS",
-            format!("{:?}", h.config.retry_delays_ms),
-        )
-        .env(
-            "BRUNO_BROKER__DELIVERY_LIMIT",
-            h.config.delivery_limit.to_string(),
-        )
-        .env(
-            "BRUNO_BROKER__MAX_ATTEMPTS",
-            h.config.max_attempts.to_string(),
-        )
+        .envs(bruno_system_tests::broker_env(&h.config))
         .env("BRUNO_STORE__URI", dir.display().to_string())
         .env("BRUNO_STORE__READ_CONSISTENCY_MS", "100")
         .env("BRUNO_ADMIN__LISTEN", "127.0.0.1:0")
