@@ -123,6 +123,19 @@ fn turn(n: usize) -> bruno_events::Event {
     e
 }
 
+/// `len` characters of pseudo-random hex (a fixed LCG seeded with `seed`).
+fn noise(seed: usize, len: usize) -> String {
+    let mut x = seed as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            char::from_digit(((x >> 60) & 0xf) as u32, 16).unwrap_or('0')
+        })
+        .collect()
+}
+
 async fn table(store: &Path, name: &str) -> lancedb::Table {
     lancedb::connect(&store.display().to_string())
         .execute()
@@ -356,7 +369,7 @@ async fn a_backup_killed_midway_leaves_nothing_complete_and_the_next_run_succeed
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("lancedb");
     let backups = dir.path().join("backup-volume");
-    // A table of ~22 MB, uploaded at 4 MiB/s: seconds to catch it midway.
+    // A table of ~20 MB, uploaded at 2 MiB/s: seconds to catch it midway.
     {
         let s = bruno_system_tests::open_store(&store).await;
         let chunks = s
@@ -382,7 +395,11 @@ async fn a_backup_killed_midway_leaves_nothing_complete_and_the_next_run_succeed
                                 doc_id: doc.clone(),
                                 source: "bulk".into(),
                                 title: None,
-                                text: format!("{id} {}", "lorem ipsum ".repeat(900)),
+                                // Incompressible, so the table really is ~20 MB.
+                                text: format!(
+                                    "{id} {}",
+                                    noise(batch * 100_000 + d * 10 + i, 10_000)
+                                ),
                                 content_hash: "h".into(),
                                 chunk_index: i as u32,
                                 vector: (0..384)
@@ -396,10 +413,10 @@ async fn a_backup_killed_midway_leaves_nothing_complete_and_the_next_run_succeed
                 .collect();
             chunks.write(&writes).await.unwrap();
         }
-        println!("filled 2,000 chunks (~22 MB) in {:?}", filling.elapsed());
+        println!("filled 2,000 chunks in {:?}", filling.elapsed());
     }
     let mut envs = env(&h, &store, &backups);
-    envs.push(("BRUNO_BACKUP__MAX_MIB_PER_SEC".into(), "4".into()));
+    envs.push(("BRUNO_BACKUP__MAX_MIB_PER_SEC".into(), "2".into()));
     let spawn = |envs: &[(String, String)]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_bruno"))
             .arg("backup")
@@ -414,36 +431,38 @@ async fn a_backup_killed_midway_leaves_nothing_complete_and_the_next_run_succeed
         .publish(&new_event("tests", &BackupRequested::default()))
         .await
         .unwrap();
-    // Kill it once it has uploaded some of the table, before the manifest.
+    // Kill it while it uploads: the clone of the pinned version exists in
+    // its scratch space, and at 2 MiB/s the ~20 MB take seconds.
     let target = backups.join("backups");
+    let work = backups.join("backup-work");
     let started = Instant::now();
-    let uploaded = loop {
-        let files: Vec<_> = walkdir::WalkDir::new(&target)
+    loop {
+        let cloned = walkdir::WalkDir::new(&work)
             .into_iter()
             .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_file())
-            .map(|e| e.path().to_owned())
-            .collect();
-        if files
-            .iter()
-            .filter(|f| f.to_string_lossy().contains("/data/"))
-            .count()
-            >= 1
-        {
-            break files;
+            .any(|e| e.path().ends_with("_versions"));
+        if cloned {
+            break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(120),
-            "the backup never started uploading"
+            "the backup never started"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
     println!("killing the backup part after {:?}", started.elapsed());
     part.kill().unwrap(); // SIGKILL
     part.wait().unwrap();
+    let written: Vec<String> = walkdir::WalkDir::new(&target)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().display().to_string())
+        .collect();
     assert!(
-        !uploaded.iter().any(|f| f.ends_with("manifest.json")),
-        "the manifest was written before the kill: the table was too small to catch midway"
+        !written.iter().any(|f| f.ends_with("manifest.json")),
+        "the manifest was written before the kill: {written:?}"
     );
     let list = bruno(&envs, &["backup", "list", "--json"]);
     assert!(
