@@ -164,3 +164,61 @@ async fn an_event_no_binding_matches_is_kept_in_the_unroutable_queue() {
     stop.cancel();
     h.cleanup().await;
 }
+
+#[tokio::test]
+async fn notifications_nobody_observes_go_to_the_observed_queue_and_both_queues_are_bounded() {
+    let config = bruno_broker::BrokerConfig {
+        unroutable_max_length: 3,
+        observed_max_length: 2,
+        ..bruno_system_tests::test_config()
+    };
+    let topology = bruno_broker::Topology::new(&config, vec![doc_part("sink")])
+        .with_observed([bruno_events::payload::BackupCompleted::TYPE]);
+    let h = Harness::with_topology(config, topology).await;
+    let completed = |i: u64| {
+        bruno_events::new_event(
+            "tests",
+            &bruno_events::payload::BackupCompleted {
+                backup_id: format!("b{i}"),
+                target: "t".into(),
+                tables: Vec::new(),
+                manifest_sha256: String::new(),
+                duplicate: false,
+            },
+        )
+    };
+    let failed = |i: u64| {
+        bruno_events::new_event(
+            "tests",
+            &bruno_events::payload::BackupFailed {
+                reason: format!("r{i}"),
+                message: "full".into(),
+            },
+        )
+    };
+    // Publishing succeeds either way (the publishes are mandatory: a
+    // message routed nowhere would fail). One at a time, so the queues see
+    // them in this order.
+    let events: Vec<_> = (0..5).map(completed).chain((0..5).map(failed)).collect();
+    for e in &events {
+        h.broker.publish(e).await.unwrap();
+    }
+    let names = &h.topology.names;
+    // The oldest went first: the newest two notifications, the newest
+    // three unroutable events are kept.
+    let ids = |deliveries: Vec<lapin::message::Delivery>| -> Vec<String> {
+        deliveries
+            .iter()
+            .map(|d| {
+                let e = bruno_broker::codec::decode(&d.properties, &d.data).unwrap();
+                e.id().to_owned()
+            })
+            .collect()
+    };
+    let settle = Duration::from_millis(500);
+    let observed = ids(h.drain(&names.observed(), settle).await);
+    assert_eq!(observed, [events[3].id(), events[4].id()]);
+    let unroutable = ids(h.drain(&names.unroutable(), settle).await);
+    assert_eq!(unroutable, [events[7].id(), events[8].id(), events[9].id()]);
+    h.cleanup().await;
+}

@@ -312,5 +312,53 @@ async fn main() {
         );
     }
     println!("consumer prefetch {DEFAULT_PREFETCH} vs 1: {:.1}x", cd / c1);
-    h.cleanup().await;
+    let h = std::sync::Arc::new(h);
+    tracing_cost(h.clone(), n, concurrency).await;
+    if let Ok(h) = std::sync::Arc::try_unwrap(h) {
+        h.cleanup().await;
+    }
+}
+
+/// Ingress throughput on a fresh runtime per tracing mode: no subscriber,
+/// the binary's default (spans, no export), spans exported to an OTLP
+/// receiver in this process, and no subscriber again (drift).
+async fn tracing_cost(h: std::sync::Arc<Harness>, n: usize, concurrency: usize) {
+    use bruno_system_tests::{OtlpReceiver, Tracing};
+    println!("---");
+    let otlp = OtlpReceiver::start().await;
+    let modes = [
+        Tracing::Off,
+        Tracing::Spans,
+        Tracing::Export(otlp.endpoint.clone()),
+        Tracing::Off,
+    ];
+    let mut rates = Vec::new();
+    for mode in modes {
+        let h = h.clone();
+        let label = mode.label();
+        let (rate, hist) = tokio::task::spawn_blocking(move || {
+            mode.run(move || async move {
+                ingress(&h, 2_000, concurrency).await;
+                purge(&h).await;
+                let out = ingress(&h, n, concurrency).await;
+                purge(&h).await;
+                out
+            })
+        })
+        .await
+        .unwrap();
+        println!(
+            "tracing: {label:18} ingress {rate:>8.0} msg/s, p50 {:.3} ms p99 {:.3} ms",
+            hist.value_at_quantile(0.5) as f64 / 1000.0,
+            hist.value_at_quantile(0.99) as f64 / 1000.0
+        );
+        rates.push(rate);
+    }
+    let off = (rates[0] + rates[3]) / 2.0;
+    println!(
+        "tracing: ingress throughput vs no subscriber (mean of two runs): spans, no export {:.1} %, spans exported {:.1} % (goal: loss <= 5 %); {} spans received",
+        100.0 * rates[1] / off,
+        100.0 * rates[2] / off,
+        otlp.spans().len()
+    );
 }

@@ -14,8 +14,12 @@
 //! asking once a second, for the overhead of a turn under concurrency at a
 //! load the box can serve. Last, the retriever's stages are timed alone.
 //!
+//! Last, the cost of tracing: 1-session turns through a fresh fleet with no
+//! subscriber, with the binary's default subscriber (spans, no export) and
+//! with spans exported to an OTLP receiver in this process.
+//!
 //! Run: `cargo bench -p bruno-system-tests --bench chat` (BENCH_TURNS,
-//! BENCH_PACE_MS, BENCH_PACED_TURNS).
+//! BENCH_PACE_MS, BENCH_PACED_TURNS, BENCH_TRACE_TURNS).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[global_allocator]
@@ -277,26 +281,10 @@ async fn main() {
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let mut config = Config {
-        broker: h.config.clone(),
-        store: StoreConfig {
-            uri: dir.path().display().to_string(),
-            ..StoreConfig::default()
-        },
-        ..Config::default()
-    };
-    config.ingress.listen = "127.0.0.1:0".parse().unwrap();
-    config.gateway.listen = "127.0.0.1:0".parse().unwrap();
-    config.gateway.requests_per_minute = 0;
-    config.admin.listen = "127.0.0.1:0".parse().unwrap();
-    config.generator.llm = LlmConfig::Ollama {
-        url,
-        model: "instant".into(),
-    };
+    let config = fleet_config(&h.config, dir.path(), &url);
     let config_for_stages = config.embedder.clone();
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    const PARTS: [&str; 5] = ["embedder", "writer", "retriever", "generator", "gateway"];
     tokio::spawn(run_parts(config, &PARTS, shutdown.clone(), Some(tx)));
     let gateway = rx.await.unwrap().gateway.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -345,4 +333,88 @@ async fn main() {
     );
     shutdown.cancel();
     h.cleanup().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tracing_cost(dir.path(), &url, env_or("BENCH_TRACE_TURNS", 300)).await;
+}
+
+const PARTS: [&str; 5] = ["embedder", "writer", "retriever", "generator", "gateway"];
+
+/// The fleet's config on `broker` with the store in `dir` and the LLM at `url`.
+fn fleet_config(broker: &bruno_broker::BrokerConfig, dir: &std::path::Path, url: &str) -> Config {
+    let mut config = Config {
+        broker: broker.clone(),
+        store: StoreConfig {
+            uri: dir.display().to_string(),
+            ..StoreConfig::default()
+        },
+        ..Config::default()
+    };
+    config.ingress.listen = "127.0.0.1:0".parse().unwrap();
+    config.gateway.listen = "127.0.0.1:0".parse().unwrap();
+    config.gateway.requests_per_minute = 0;
+    config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    config.generator.llm = LlmConfig::Ollama {
+        url: url.to_owned(),
+        model: "instant".into(),
+    };
+    config
+}
+
+/// One-session turns through a fresh fleet per tracing mode, each on its
+/// own runtime: no subscriber, the binary's default (spans, no export), and
+/// spans exported to an OTLP receiver in this process.
+async fn tracing_cost(dir: &std::path::Path, url: &str, n: usize) {
+    use bruno_system_tests::{OtlpReceiver, Tracing};
+    let otlp = OtlpReceiver::start().await;
+    let modes = [
+        Tracing::Off,
+        Tracing::Spans,
+        Tracing::Export(otlp.endpoint.clone()),
+        Tracing::Off,
+    ];
+    let mut results = Vec::new();
+    for mode in modes {
+        let (dir, url) = (dir.to_owned(), url.to_owned());
+        let label = mode.label();
+        let hist = tokio::task::spawn_blocking(move || {
+            mode.run(move || async move {
+                let h = Harness::new(bruno_cli::registry::part_specs()).await;
+                let shutdown = CancellationToken::new();
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let config = fleet_config(&h.config, &dir, &url);
+                let task = tokio::spawn(run_parts(config, &PARTS, shutdown.clone(), Some(tx)));
+                let gateway = rx.await.unwrap().gateway.unwrap();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                turns(gateway, 1, 30).await; // warm-up
+                let hist = turns(gateway, 1, n).await;
+                shutdown.cancel();
+                let _ = task.await;
+                h.cleanup().await;
+                hist
+            })
+        })
+        .await
+        .unwrap();
+        println!(
+            "tracing: {label:18} 1 session, {n} turns: p50 {:.2} ms p99 {:.2} ms",
+            ms(&hist, 0.5),
+            ms(&hist, 0.99)
+        );
+        results.push(hist);
+    }
+    let off_p50 = (ms(&results[0], 0.5) + ms(&results[3], 0.5)) / 2.0;
+    let off_p99 = (ms(&results[0], 0.99) + ms(&results[3], 0.99)) / 2.0;
+    for (i, label) in [(1, "spans, no export"), (2, "spans exported")] {
+        println!(
+            "tracing: {label} vs no subscriber (mean of the two runs): p50 {:+.2} ms, p99 {:+.2} ms — goal p50 <= +0.5 ms",
+            ms(&results[i], 0.5) - off_p50,
+            ms(&results[i], 0.99) - off_p99
+        );
+    }
+    println!(
+        "tracing: spans exported vs spans not exported: p50 {:+.2} ms, p99 {:+.2} ms; {} spans received",
+        ms(&results[2], 0.5) - ms(&results[1], 0.5),
+        ms(&results[2], 0.99) - ms(&results[1], 0.99),
+        otlp.spans().len()
+    );
 }

@@ -66,6 +66,8 @@ pub fn test_config() -> BrokerConfig {
         reconnect_max_ms: 500,
         publish_timeout_ms: 3_000,
         publish_channels: 2,
+        queue_stats_ms: 500,
+        ..Default::default()
     }
 }
 
@@ -88,8 +90,13 @@ impl Harness {
 
     /// Same, with a given config.
     pub async fn with_config(config: BrokerConfig, parts: Vec<PartSpec>) -> Self {
-        init_logs();
         let topology = Topology::new(&config, parts);
+        Self::with_topology(config, topology).await
+    }
+
+    /// Same, with a given topology (built from `config`).
+    pub async fn with_topology(config: BrokerConfig, topology: Topology) -> Self {
+        init_logs();
         let cancel = CancellationToken::new();
         let broker = Broker::start(
             config.clone(),
@@ -209,21 +216,13 @@ impl Harness {
     pub async fn cleanup(self) {
         let conn = self.raw().await;
         let ch = conn.create_channel().await.unwrap();
-        let names = &self.topology.names;
-        let mut queues = vec![names.unroutable()];
-        for part in &self.topology.parts {
-            queues.push(names.queue(&part.name));
-            queues.push(names.dlq(&part.name));
-            for d in &self.topology.retry_delays {
-                queues.push(names.retry(&part.name, *d));
-            }
-        }
-        for q in queues {
+        // Best effort: a test may have deleted some already.
+        for q in self.topology.queues() {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        for e in [names.exchange(), names.unroutable()] {
+        for e in self.topology.exchanges() {
             let _ = ch
                 .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
@@ -630,4 +629,619 @@ pub fn broker_env(config: &BrokerConfig) -> Vec<(&'static str, String)> {
             config.max_attempts.to_string(),
         ),
     ]
+}
+
+/// A span as an OTLP receiver got it (ids in lowercase hex).
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    /// `service.name` of the process that sent it.
+    pub service: String,
+    /// Trace id.
+    pub trace_id: String,
+    /// Span id.
+    pub span_id: String,
+    /// Parent span id (empty for a root).
+    pub parent_span_id: String,
+    /// Span name.
+    pub name: String,
+    /// OTLP span kind (1 internal, 2 server, 3 client, 4 producer, 5 consumer).
+    pub kind: i32,
+    /// Attributes, rendered as strings.
+    pub attributes: std::collections::BTreeMap<String, String>,
+}
+
+/// An OTLP/HTTP (protobuf) trace receiver on 127.0.0.1:0 that keeps every
+/// span, built on the `opentelemetry-proto` types.
+pub struct OtlpReceiver {
+    /// Base URL to give exporters (`/v1/traces` is served).
+    pub endpoint: String,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    stop: CancellationToken,
+}
+
+impl OtlpReceiver {
+    /// Start the receiver.
+    pub async fn start() -> Self {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+        };
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+        use prost::Message;
+        let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
+        let keep = spans.clone();
+        let receive = move |body: bytes::Bytes| {
+            let keep = keep.clone();
+            async move {
+                let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+                    return (axum::http::StatusCode::BAD_REQUEST, Vec::new());
+                };
+                let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+                    .as_ref()
+                    .and_then(|v| v.value.as_ref())
+                {
+                    Some(V::StringValue(s)) => s.clone(),
+                    Some(V::IntValue(i)) => i.to_string(),
+                    Some(V::BoolValue(b)) => b.to_string(),
+                    Some(V::DoubleValue(d)) => d.to_string(),
+                    other => format!("{other:?}"),
+                };
+                let mut got = Vec::new();
+                for rs in request.resource_spans {
+                    let service = rs
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .find(|a| a.key == "service.name")
+                        .map(|a| text(&a.value))
+                        .unwrap_or_default();
+                    for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                        got.push(ReceivedSpan {
+                            service: service.clone(),
+                            trace_id: hex::encode(&span.trace_id),
+                            span_id: hex::encode(&span.span_id),
+                            parent_span_id: hex::encode(&span.parent_span_id),
+                            name: span.name.clone(),
+                            kind: span.kind,
+                            attributes: span
+                                .attributes
+                                .iter()
+                                .map(|a| (a.key.clone(), text(&a.value)))
+                                .collect(),
+                        });
+                    }
+                }
+                keep.lock().unwrap().extend(got);
+                (
+                    axum::http::StatusCode::OK,
+                    ExportTraceServiceResponse::default().encode_to_vec(),
+                )
+            }
+        };
+        let app = axum::Router::new().route("/v1/traces", axum::routing::post(receive));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(until.cancelled_owned())
+                .await
+                .unwrap()
+        });
+        Self {
+            endpoint,
+            spans,
+            stop,
+        }
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// The spans of one trace.
+    pub fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+        self.spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace_id)
+            .collect()
+    }
+
+    /// Wait up to `timeout` until the trace holds spans from every one of
+    /// `services`; returns the trace as it then is.
+    pub async fn await_services(
+        &self,
+        trace_id: &str,
+        services: &[&str],
+        timeout: Duration,
+    ) -> Vec<ReceivedSpan> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let spans = self.trace(trace_id);
+            let missing: Vec<&&str> = services
+                .iter()
+                .filter(|s| !spans.iter().any(|x| x.service == **s))
+                .collect();
+            if missing.is_empty() {
+                return spans;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "trace {trace_id}: no spans from {missing:?}; got {:#?}",
+                spans
+                    .iter()
+                    .map(|s| (&s.service, &s.name))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Assert `spans` form one tree: exactly one span whose parent is not among
+/// them (the root), and every other span reachable from it.
+pub fn assert_one_tree(spans: &[ReceivedSpan]) {
+    let ids: std::collections::HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    let roots: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| !ids.contains(s.parent_span_id.as_str()))
+        .collect();
+    let shape = || {
+        spans
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {} [{}] {} <- {}",
+                    s.service, s.name, s.kind, s.span_id, s.parent_span_id
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(roots.len(), 1, "not one root:\n{}", shape());
+    let mut reached = std::collections::HashSet::from([roots[0].span_id.as_str()]);
+    loop {
+        let before = reached.len();
+        for s in spans {
+            if reached.contains(s.parent_span_id.as_str()) {
+                reached.insert(s.span_id.as_str());
+            }
+        }
+        if reached.len() == before {
+            break;
+        }
+    }
+    assert_eq!(reached.len(), spans.len(), "orphans:\n{}", shape());
+}
+
+/// A `bruno <part>` child process whose stderr lines are kept; killed when
+/// dropped.
+pub struct PartProcess {
+    /// The part it runs.
+    pub part: String,
+    child: tokio::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl PartProcess {
+    /// Start `bin <part>` with `env`.
+    pub fn spawn(bin: &std::path::Path, part: &str, env: &[(String, String)]) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(bin)
+            .arg(part)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let keep = lines.clone();
+        let stderr = child.stderr.take().unwrap();
+        tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                keep.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            part: part.to_owned(),
+            child,
+            lines,
+        }
+    }
+
+    /// Every stderr line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The address the process logged it listens on for `what` (`admin`,
+    /// `ingress`, `gateway`), from its JSON log lines.
+    pub async fn listening(&mut self, what: &str) -> SocketAddr {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            for line in self.lines() {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["message"] == "listening"
+                    && v["part"] == what
+                    && let Some(addr) = v["addr"].as_str().and_then(|a| a.parse().ok())
+                {
+                    return addr;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "bruno {} exited with {status}:\n{}",
+                    self.part,
+                    self.lines().join("\n")
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "bruno {} never said it listens on {what}:\n{}",
+                self.part,
+                self.lines().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stop the process (SIGKILL) and wait for it.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Metric name (with `_total`, `_bucket`, … suffixes).
+    pub name: String,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Value.
+    pub value: f64,
+}
+
+/// Parse a Prometheus (or OpenMetrics) text exposition; panics, naming the
+/// line, on anything that is not a comment, `# EOF` or a sample.
+pub fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, rest) = match line.find('{') {
+            Some(_) => {
+                let close = line
+                    .rfind('}')
+                    .unwrap_or_else(|| panic!("bad line {line:?}"));
+                (&line[..close + 1], line[close + 1..].trim())
+            }
+            None => line
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("bad line {line:?}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => {
+                let labels = labels.trim_end_matches('}');
+                let mut map = std::collections::BTreeMap::new();
+                // Label values here hold no `",` sequences.
+                for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair
+                        .split_once("=\"")
+                        .unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+                    map.insert(k.trim().to_owned(), v.trim_end_matches('"').to_owned());
+                }
+                (name, map)
+            }
+            None => (series, Default::default()),
+        };
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        let value = rest.split_whitespace().next().unwrap_or("");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        out.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// The sample names (`_total`, `_bucket`, … included) a `/metrics` page
+/// declares with `# TYPE` lines, whether or not a sample was recorded yet.
+pub fn declared_metrics(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                out.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    out.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                out.insert(name.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The `bruno_*` names in a PromQL expression.
+pub fn metric_names(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("bruno_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A GitHub heading anchor.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// Problems with the repo's dashboards and alert rules against `exported`
+/// (the metrics the code declares): an expression naming a metric nobody
+/// exports, an alert without a runbook, a runbook link to a missing file or
+/// heading, an exported metric missing from docs/metrics.md.
+pub fn observability_problems(
+    root: &std::path::Path,
+    exported: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut check = |place: &str, expr: &str| {
+        let names = metric_names(expr);
+        if names.is_empty() {
+            problems.push(format!("{place}: names no bruno_ metric: {expr}"));
+        }
+        for name in names {
+            if !exported.contains(&name) {
+                problems.push(format!("{place}: {name} is not exported"));
+            }
+        }
+    };
+    let dashboards = root.join("deploy/grafana/dashboards");
+    for entry in std::fs::read_dir(&dashboards).unwrap() {
+        let path = entry.unwrap().path();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for panel in json["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let place = format!("{} / {}", path.display(), panel["title"]);
+                check(&place, target["expr"].as_str().unwrap_or(""));
+            }
+        }
+    }
+    let mut runbooks = Vec::new();
+    for entry in std::fs::read_dir(root.join("deploy/prometheus/rules")).unwrap() {
+        let path = entry.unwrap().path();
+        let yaml: serde_json::Value =
+            serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for rule in yaml["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap())
+        {
+            let alert = rule["alert"].as_str().unwrap_or("?").to_owned();
+            check(
+                &format!("{} / {alert}", path.display()),
+                rule["expr"].as_str().unwrap_or(""),
+            );
+            runbooks.push((
+                alert,
+                rule["annotations"]["runbook"].as_str().map(str::to_owned),
+            ));
+        }
+    }
+    for (alert, runbook) in runbooks {
+        let Some(runbook) = runbook else {
+            problems.push(format!("alert {alert} has no runbook"));
+            continue;
+        };
+        let (file, anchor) = runbook.split_once('#').unwrap_or((&runbook, ""));
+        let Ok(text) = std::fs::read_to_string(root.join(file)) else {
+            problems.push(format!("alert {alert}: runbook {file} does not exist"));
+            continue;
+        };
+        let anchors: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .map(|h| slug(h.trim_start_matches('#')))
+            .collect();
+        if !anchor.is_empty() && !anchors.iter().any(|a| a == anchor) {
+            problems.push(format!("alert {alert}: no heading #{anchor} in {file}"));
+        }
+    }
+    let doc = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+    for name in exported {
+        let family = name
+            .strip_suffix("_bucket")
+            .or_else(|| name.strip_suffix("_sum"))
+            .or_else(|| name.strip_suffix("_count"))
+            .unwrap_or(name);
+        if !doc.contains(&format!("`{family}`")) && !doc.contains(&format!("`{name}`")) {
+            problems.push(format!("{name} is not in docs/metrics.md"));
+        }
+    }
+    problems
+}
+
+/// How a benchmark's runtime traces, to compare the cost of tracing in one run.
+#[derive(Debug, Clone)]
+pub enum Tracing {
+    /// No subscriber at all.
+    Off,
+    /// The `bruno` binary's default: spans with OpenTelemetry ids (and
+    /// JSON-free warn logs), nothing exported.
+    Spans,
+    /// Spans exported by OTLP/HTTP to this endpoint.
+    Export(String),
+}
+
+impl Tracing {
+    /// A short label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Off => "no subscriber",
+            Self::Spans => "spans, no export",
+            Self::Export(_) => "spans exported",
+        }
+    }
+
+    /// Run `work` on a fresh two-worker runtime (on its own thread) whose
+    /// threads all trace this way; flushes exported spans before returning.
+    pub fn run<F, T>(&self, work: impl FnOnce() -> F + Send + 'static) -> T
+    where
+        F: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        let mode = self.clone();
+        std::thread::spawn(move || {
+            let log = bruno_runtime::telemetry::LogSettings {
+                json: false,
+                filter: "warn".into(),
+            };
+            let (dispatch, guard) = match &mode {
+                Tracing::Off => (tracing::Dispatch::none(), None),
+                Tracing::Spans => {
+                    let (d, g) = bruno_runtime::telemetry::dispatch(
+                        &log,
+                        &Default::default(),
+                        "bruno-bench",
+                    );
+                    (d, Some(g))
+                }
+                Tracing::Export(endpoint) => {
+                    let telemetry = bruno_runtime::telemetry::TelemetryConfig {
+                        otlp_endpoint: Some(endpoint.clone()),
+                        ..Default::default()
+                    };
+                    let (d, g) =
+                        bruno_runtime::telemetry::dispatch(&log, &telemetry, "bruno-bench");
+                    (d, Some(g))
+                }
+            };
+            let for_workers = dispatch.clone();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .on_thread_start(move || {
+                    // Lives as long as the worker thread.
+                    std::mem::forget(tracing::dispatcher::set_default(&for_workers));
+                })
+                .build()
+                .unwrap();
+            let _default = tracing::dispatcher::set_default(&dispatch);
+            let out = runtime.block_on(work());
+            runtime.shutdown_timeout(Duration::from_secs(10));
+            drop(guard);
+            out
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+/// POST one binary-mode CloudEvent (`id`, `ty`, source `tests`, JSON
+/// `data`) to the ingress; returns the HTTP status.
+pub async fn post_event(ingress: SocketAddr, id: &str, ty: &str, data: &[u8]) -> u16 {
+    reqwest::Client::new()
+        .post(format!("http://{ingress}/"))
+        .header("ce-specversion", "1.0")
+        .header("ce-id", id)
+        .header("ce-type", ty)
+        .header("ce-source", "tests")
+        .header("content-type", "application/json")
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Wait up to `timeout` until `doc_id` has chunks in the MiniLM chunks
+/// table of the store under `dir`.
+pub async fn await_indexed(dir: &std::path::Path, doc_id: &str, timeout: Duration) -> bool {
+    let store = open_store(dir).await;
+    let info = bruno_store::EmbedderInfo {
+        model: "sentence-transformers/all-MiniLM-L6-v2".into(),
+        dimension: 384,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(t) = store.existing_chunks(&info).await.unwrap()
+            && t.count(Some(doc_id)).await.unwrap() > 0
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// The text of `http://<admin>/metrics`.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Wait up to a minute until `http://<admin>/ready` answers 200.
+pub async fn await_ready(admin: SocketAddr) {
+    let client = reqwest::Client::new();
+    for _ in 0..600 {
+        if client
+            .get(format!("http://{admin}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{admin} never became ready");
 }

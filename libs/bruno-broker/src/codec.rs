@@ -54,6 +54,15 @@ fn short(name: &str, value: &str) -> Result<ShortString, CodecError> {
 
 /// Encode an event as AMQP properties and body.
 pub fn encode(event: &Event) -> Result<(BasicProperties, Vec<u8>), CodecError> {
+    encode_traced(event, None)
+}
+
+/// Encode an event with `trace` (`traceparent`, optional `tracestate`) in
+/// place of the trace context it carries.
+pub fn encode_traced(
+    event: &Event,
+    trace: Option<(String, Option<String>)>,
+) -> Result<(BasicProperties, Vec<u8>), CodecError> {
     let mut headers = FieldTable::default();
     let mut put = |name: &str, value: &str| {
         headers.insert(
@@ -75,6 +84,9 @@ pub fn encode(event: &Event) -> Result<(BasicProperties, Vec<u8>), CodecError> {
         put("dataschema", schema.as_str());
     }
     for (name, value) in event.iter_extensions() {
+        if trace.is_some() && (name == "traceparent" || name == "tracestate") {
+            continue;
+        }
         let value = match value {
             bruno_events::ExtensionValue::String(s) => {
                 AMQPValue::LongString(LongString::from(s.as_str()))
@@ -83,6 +95,18 @@ pub fn encode(event: &Event) -> Result<(BasicProperties, Vec<u8>), CodecError> {
             bruno_events::ExtensionValue::Integer(i) => AMQPValue::LongLongInt(*i),
         };
         headers.insert(short(name, name)?, value);
+    }
+    if let Some((traceparent, tracestate)) = trace {
+        headers.insert(
+            ShortString::from(bruno_events::ext::TRACEPARENT),
+            AMQPValue::LongString(LongString::from(traceparent)),
+        );
+        if let Some(ts) = tracestate {
+            headers.insert(
+                ShortString::from(bruno_events::ext::TRACESTATE),
+                AMQPValue::LongString(LongString::from(ts)),
+            );
+        }
     }
     let mut props = BasicProperties::default()
         .with_delivery_mode(PERSISTENT)

@@ -26,6 +26,16 @@ pub struct BrokerConfig {
     pub reconnect_min_ms: u64,
     /// Longest reconnect delay.
     pub reconnect_max_ms: u64,
+    /// Most messages the unroutable queue keeps (the oldest go first).
+    pub unroutable_max_length: u32,
+    /// How long an unroutable message is kept.
+    pub unroutable_ttl_ms: u64,
+    /// Most notifications (`document.indexed`, …) kept for nobody.
+    pub observed_max_length: u32,
+    /// How long a notification nobody observed is kept.
+    pub observed_ttl_ms: u64,
+    /// How often queue depths are read for the metrics (0: never).
+    pub queue_stats_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -40,6 +50,11 @@ impl Default for BrokerConfig {
             publish_channels: 4,
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
+            unroutable_max_length: 10_000,
+            unroutable_ttl_ms: 7 * 24 * 3_600_000,
+            observed_max_length: 1_000,
+            observed_ttl_ms: 600_000,
+            queue_stats_ms: 15_000,
         }
     }
 }

@@ -190,15 +190,26 @@ impl Broker {
     /// one is confirmed, or with the first failure.
     pub async fn publish_all(&self, events: &[Event]) -> Result<(), PublishError> {
         let exchange = self.inner.topology.names.exchange();
+        // One producer span per event, open until the broker confirmed; its
+        // context travels as the event's `traceparent`.
+        let spans: Vec<_> = events
+            .iter()
+            .map(|e| crate::trace::publish_span(&exchange, e))
+            .collect();
         let encoded = events
             .iter()
-            .map(codec::encode)
+            .zip(&spans)
+            .map(|(e, span)| codec::encode_traced(e, crate::trace::context_of(span)))
             .collect::<Result<Vec<_>, _>>()?;
         let messages: Vec<_> = encoded
             .iter()
             .map(|(p, b)| (p.clone(), b.as_slice()))
             .collect();
-        self.publish_many(&exchange, "", messages).await
+        let result = self.publish_many(&exchange, "", messages).await;
+        if result.is_err() {
+            spans.iter().for_each(crate::trace::failed);
+        }
+        result
     }
 
     /// Publish one raw message; returns once confirmed.

@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bruno_events::{AttributesReader, Event, correlation_id};
+use bruno_events::Event;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -169,18 +169,11 @@ async fn handle<P: Processor>(broker: Broker, part: String, processor: Arc<P>, d
                 code: ErrorCode::InvalidEvent,
                 reason: e.to_string(),
             },
-            info_span!("message", %part, invalid = true),
+            info_span!("process", %part, invalid = true, otel.kind = "consumer"),
         ),
         Ok(event) => {
-            let span = info_span!(
-                "message",
-                %part,
-                event.id = %event.id(),
-                event.r#type = %event.ty(),
-                event.source = %event.source(),
-                correlation_id = correlation_id(&event).unwrap_or_default(),
-                attempt = attempts + 1,
-            );
+            let queue = broker.topology().names.queue(&part);
+            let span = crate::trace::process_span(&part, &queue, &event, attempts + 1);
             let delivered = Delivered {
                 attempts,
                 redelivered: delivery.redelivered,
@@ -198,6 +191,9 @@ async fn handle<P: Processor>(broker: Broker, part: String, processor: Arc<P>, d
     };
     async {
         let outcome = settle(&broker, &part, &delivery, attempts, disposition).await;
+        if outcome != "ack" {
+            crate::trace::failed(&tracing::Span::current());
+        }
         broker.metrics().outcome(&part, outcome);
         broker
             .metrics()

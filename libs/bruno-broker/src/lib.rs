@@ -18,12 +18,15 @@ pub mod dlq;
 mod metrics;
 /// Request/reply for tools.
 pub mod reply;
+/// Queue depths for the metrics.
+pub mod stats;
 mod topology;
+pub mod trace;
 
 pub use config::BrokerConfig;
 pub use connection::{Broker, PublishError};
 pub use consume::{Delivered, Disposition, Processor, consume};
-pub use metrics::BrokerMetrics;
+pub use metrics::{BrokerMetrics, QueueLabels};
 pub use topology::manifests::render as topology_manifests;
 pub use topology::{Names, PartSpec, Topology};
 

@@ -31,6 +31,17 @@ pub struct PublishLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of queue gauges read from the broker.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    /// The queue's name.
+    pub queue: String,
+    /// The part it belongs to (empty for the shared queues).
+    pub part: String,
+    /// `work`, `retry`, `dlq`, `unroutable` or `observed`.
+    pub kind: &'static str,
+}
+
 /// Everything the broker layer measures.
 #[derive(Clone, Debug)]
 pub struct BrokerMetrics {
@@ -44,6 +55,11 @@ pub struct BrokerMetrics {
     pub connected: Gauge,
     /// Successful reconnects after a lost connection.
     pub reconnects: Counter,
+    /// Messages ready in a queue, as the broker last said (a work queue's
+    /// backlog is its consumers' lag).
+    pub queue_messages: Family<QueueLabels, Gauge>,
+    /// Consumers on a queue, as the broker last said.
+    pub queue_consumers: Family<QueueLabels, Gauge>,
 }
 
 impl Default for BrokerMetrics {
@@ -56,6 +72,8 @@ impl Default for BrokerMetrics {
             published: Family::default(),
             connected: Gauge::default(),
             reconnects: Counter::default(),
+            queue_messages: Family::default(),
+            queue_consumers: Family::default(),
         }
     }
 }
@@ -63,6 +81,16 @@ impl Default for BrokerMetrics {
 impl BrokerMetrics {
     /// Register every metric in `registry`.
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "bruno_queue_messages",
+            "Messages ready in a queue (backlog; for a work queue, its consumers' lag), read from the broker",
+            self.queue_messages.clone(),
+        );
+        registry.register(
+            "bruno_queue_consumers",
+            "Consumers on a queue, read from the broker",
+            self.queue_consumers.clone(),
+        );
         registry.register(
             "bruno_events_consumed",
             "Messages consumed, by part and outcome",

@@ -322,6 +322,8 @@ impl Inbox {
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) => {
                             if let Ok(event) = codec::decode(&delivery.properties, &delivery.data) {
+                                let span = crate::trace::receive_span(&self.inner.id, &event);
+                                let _entered = span.enter();
                                 self.deliver(event);
                             }
                         }

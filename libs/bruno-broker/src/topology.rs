@@ -4,12 +4,20 @@
 //! producers ─▶ {p}bruno.events (headers) ──x-match=all──▶ {p}<part>   (quorum)
 //!                   │ alternate-exchange                    │ ▲  └─ delivery limit ─▶ {p}<part>.dlq
 //!                   ▼                                       │ │ TTL expiry
-//!              {p}bruno.unroutable (fanout ─▶ quorum)       ▼ │
-//!                                              {p}<part>.retry.<ms>ms (quorum, queue TTL)
+//!              {p}bruno.alternate (headers)                 ▼ │
+//!                   │ ├─ type ∈ observed ─▶ {p}bruno.observed   {p}<part>.retry.<ms>ms (quorum, queue TTL)
+//!                   │ │                     (bounded, short TTL: notifications nobody listened to)
+//!                   ▼ alternate-exchange
+//!              {p}bruno.unroutable (fanout ─▶ quorum, bounded, alerting)
 //! ```
 //! Retries go through one wait queue per delay tier whose queue-level TTL
 //! dead-letters back into the part's queue, so no worker sleeps and no
 //! message blocks another one's head of line.
+//!
+//! Notifications that have observers but no consumer by design
+//! (`document.indexed`, `backup.completed`, replies whose requester is gone)
+//! end in `bruno.observed` when nobody listens; only events nobody was meant
+//! to miss reach `bruno.unroutable` (ADR 12).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -42,6 +50,15 @@ impl Names {
     /// The alternate exchange and queue that keep unroutable events.
     pub fn unroutable(&self) -> String {
         format!("{}bruno.unroutable", self.prefix)
+    }
+    /// The events exchange's alternate exchange, which sorts notifications
+    /// from unroutable events.
+    pub fn alternate(&self) -> String {
+        format!("{}bruno.alternate", self.prefix)
+    }
+    /// The bounded queue of notifications nobody observed.
+    pub fn observed(&self) -> String {
+        format!("{}bruno.observed", self.prefix)
     }
     /// A part's work queue.
     pub fn queue(&self, part: &str) -> String {
@@ -100,6 +117,13 @@ pub struct Topology {
     pub retry_delays: Vec<Duration>,
     /// `x-delivery-limit` of the part queues.
     pub delivery_limit: u32,
+    /// Event types that are notifications: kept briefly in the observed
+    /// queue when nobody listens, instead of in the unroutable queue.
+    pub observed: Vec<String>,
+    /// Bounds of the unroutable queue (length, TTL).
+    pub unroutable_bounds: (u32, Duration),
+    /// Bounds of the observed queue (length, TTL).
+    pub observed_bounds: (u32, Duration),
 }
 
 /// A topology that cannot be declared.
@@ -147,7 +171,22 @@ impl Topology {
             parts,
             retry_delays: config.retry_delays(),
             delivery_limit: config.delivery_limit,
+            observed: Vec::new(),
+            unroutable_bounds: (
+                config.unroutable_max_length,
+                Duration::from_millis(config.unroutable_ttl_ms),
+            ),
+            observed_bounds: (
+                config.observed_max_length,
+                Duration::from_millis(config.observed_ttl_ms),
+            ),
         }
+    }
+
+    /// The same topology with `types` as notifications.
+    pub fn with_observed(mut self, types: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.observed = types.into_iter().map(Into::into).collect();
+        self
     }
 
     /// The spec of a part, if it is part of this topology.
@@ -169,6 +208,23 @@ impl Topology {
             args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         }
         args
+    }
+
+    /// A queue that drops its oldest messages past `max` or after `ttl`.
+    fn bounded_args((max, ttl): (u32, Duration)) -> FieldTable {
+        table([
+            ("x-queue-type", s("quorum")),
+            ("x-max-length", limit(max)),
+            ("x-overflow", s("drop-head")),
+            (
+                "x-message-ttl",
+                AMQPValue::LongLongInt(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
+            ),
+            (
+                "x-delivery-limit",
+                AMQPValue::LongInt(PARKING_DELIVERY_LIMIT),
+            ),
+        ])
     }
 
     fn parking_args() -> FieldTable {
@@ -218,7 +274,11 @@ impl Topology {
             .await
             .map_err(err(&unroutable))?;
         channel
-            .queue_declare(name(unroutable.clone())?, queue_opts, Self::parking_args())
+            .queue_declare(
+                name(unroutable.clone())?,
+                queue_opts,
+                Self::bounded_args(self.unroutable_bounds),
+            )
             .await
             .map_err(err(&unroutable))?;
         channel
@@ -231,13 +291,44 @@ impl Topology {
             )
             .await
             .map_err(err(&unroutable))?;
+        let alternate = self.names.alternate();
+        channel
+            .exchange_declare(
+                name(alternate.clone())?,
+                ExchangeKind::Headers,
+                durable,
+                table([("alternate-exchange", s(&unroutable))]),
+            )
+            .await
+            .map_err(err(&alternate))?;
+        let observed = self.names.observed();
+        channel
+            .queue_declare(
+                name(observed.clone())?,
+                queue_opts,
+                Self::bounded_args(self.observed_bounds),
+            )
+            .await
+            .map_err(err(&observed))?;
+        for ty in &self.observed {
+            channel
+                .queue_bind(
+                    name(observed.clone())?,
+                    name(alternate.clone())?,
+                    "".into(),
+                    QueueBindOptions::default(),
+                    table([("x-match", s("all")), ("type", s(ty))]),
+                )
+                .await
+                .map_err(err(&format!("binding of {observed}")))?;
+        }
         let exchange = self.names.exchange();
         channel
             .exchange_declare(
                 name(exchange.clone())?,
                 ExchangeKind::Headers,
                 durable,
-                table([("alternate-exchange", s(&unroutable))]),
+                table([("alternate-exchange", s(&alternate))]),
             )
             .await
             .map_err(err(&exchange))?;
@@ -280,6 +371,43 @@ impl Topology {
                     .await
                     .map_err(err(&format!("binding of {queue}")))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Every queue this topology declares.
+    pub fn queues(&self) -> Vec<String> {
+        let names = &self.names;
+        let mut queues = vec![names.unroutable(), names.observed()];
+        for part in &self.parts {
+            queues.push(names.queue(&part.name));
+            queues.push(names.dlq(&part.name));
+            for d in &self.retry_delays {
+                queues.push(names.retry(&part.name, *d));
+            }
+        }
+        queues
+    }
+
+    /// Every exchange this topology declares.
+    pub fn exchanges(&self) -> Vec<String> {
+        let names = &self.names;
+        vec![names.exchange(), names.alternate(), names.unroutable()]
+    }
+
+    /// Delete every queue and exchange of this topology (tests, tenants
+    /// being removed). Messages in the queues are lost.
+    pub async fn delete(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        for q in self.queues() {
+            channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for e in self.exchanges() {
+            channel
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await?;
         }
         Ok(())
     }
@@ -399,6 +527,8 @@ pub mod manifests {
         let names = &topology.names;
         let exchange = names.exchange();
         let unroutable = names.unroutable();
+        let alternate = names.alternate();
+        let observed = names.observed();
         let mut out = vec![
             resource(
                 "Exchange",
@@ -406,7 +536,11 @@ pub mod manifests {
                 cluster,
                 json!({ "name": unroutable, "type": "fanout", "durable": true, "autoDelete": false }),
             ),
-            queue(&unroutable, cluster, &Topology::parking_args()),
+            queue(
+                &unroutable,
+                cluster,
+                &Topology::bounded_args(topology.unroutable_bounds),
+            ),
             resource(
                 "Binding",
                 &format!("{unroutable}-to-{unroutable}"),
@@ -415,12 +549,33 @@ pub mod manifests {
             ),
             resource(
                 "Exchange",
+                &alternate,
+                cluster,
+                json!({ "name": alternate, "type": "headers", "durable": true, "autoDelete": false,
+                        "arguments": { "alternate-exchange": unroutable } }),
+            ),
+            queue(
+                &observed,
+                cluster,
+                &Topology::bounded_args(topology.observed_bounds),
+            ),
+            resource(
+                "Exchange",
                 &exchange,
                 cluster,
                 json!({ "name": exchange, "type": "headers", "durable": true, "autoDelete": false,
-                        "arguments": { "alternate-exchange": unroutable } }),
+                        "arguments": { "alternate-exchange": alternate } }),
             ),
         ];
+        for (i, ty) in topology.observed.iter().enumerate() {
+            out.push(resource(
+                "Binding",
+                &format!("{alternate}-to-{observed}-{i}"),
+                cluster,
+                json!({ "source": alternate, "destination": observed, "destinationType": "queue",
+                        "arguments": { "x-match": "all", "type": ty } }),
+            ));
+        }
         for part in &topology.parts {
             out.push(queue(
                 &names.dlq(&part.name),

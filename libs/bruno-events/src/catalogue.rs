@@ -78,7 +78,7 @@ catalogue! {
     DocumentSubmitted => "bruno.document.submitted.v1", "a document to add to or replace in the knowledge base", ["producer", "bruno ingest"];
     MemoryWrite => "bruno.memory.write.v2", "typed rows with vectors for the single LanceDB writer", ["embedder"];
     MemoryWriteV1 => "bruno.memory.write.v1", "retired: untyped rows for the writer (still read, no longer produced)", ["embedder before v2"];
-    DocumentIndexed => "bruno.document.indexed.v1", "the writer committed a document's chunks", ["writer"];
+    DocumentIndexed => "bruno.document.indexed.v1", "the writer committed a document's chunks (or the embedder found them unchanged)", ["writer", "embedder"];
     SearchRequested => "bruno.search.requested.v1", "a knowledge-base search awaiting a correlated reply", ["gateway"];
     SearchCompleted => "bruno.search.completed.v1", "the hits of a search", ["retriever"];
     ChatRequested => "bruno.chat.requested.v1", "one user turn of a conversation", ["gateway"];

@@ -172,7 +172,8 @@ pub struct TurnRecord {
     pub vector: Vec<f32>,
 }
 
-/// `bruno.document.indexed.v1`: the writer committed a document's chunks.
+/// `bruno.document.indexed.v1`: the writer committed a document's chunks,
+/// or the embedder found its content already indexed (`unchanged`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DocumentIndexed {
     /// The document.
@@ -181,8 +182,11 @@ pub struct DocumentIndexed {
     pub chunks_written: u64,
     /// Stale chunks removed.
     pub chunks_removed: u64,
-    /// Table version after the commit.
+    /// Table version after the commit (0 when `unchanged`: nothing was committed).
     pub table_version: u64,
+    /// The same content was already indexed; nothing was written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 /// Metadata filters of a search; each is an exact match.

@@ -46,7 +46,13 @@ async fn deliver<H: Handler>(
     let Some(event) = events.pop() else {
         return Problem::invalid("body", "no event").into_response();
     };
-    match invoke(handler, ctx, event, 0).await {
+    let span = bruno_broker::trace::process_span("push", "knative-trigger", &event, 1);
+    let outcome =
+        tracing::Instrument::instrument(invoke(handler, ctx, event, 0), span.clone()).await;
+    if outcome.is_err() {
+        bruno_broker::trace::failed(&span);
+    }
+    match outcome {
         Ok(mut outputs) => match outputs.len() {
             0 => StatusCode::ACCEPTED.into_response(),
             1 => match outputs.pop() {

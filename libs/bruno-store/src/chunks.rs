@@ -248,6 +248,11 @@ impl Chunks {
     /// id (a redelivered write changes nothing), and the chunks of these
     /// documents that are not in the batch removed.
     pub async fn write(&self, docs: &[DocumentWrite]) -> Result<WriteOutcome, StoreError> {
+        let written = |o: &WriteOutcome| o.inserted + o.updated + o.deleted;
+        crate::traced("merge_insert", "chunks", written, self.write_untraced(docs)).await
+    }
+
+    async fn write_untraced(&self, docs: &[DocumentWrite]) -> Result<WriteOutcome, StoreError> {
         if docs.is_empty() {
             return Ok(WriteOutcome {
                 inserted: 0,
@@ -407,6 +412,23 @@ impl Chunks {
     /// Hybrid search: the `candidates` best chunks by vector and by BM25,
     /// fused by RRF (k = 60), then `k` of them picked by MMR (λ = 0.7).
     pub async fn search(
+        &self,
+        query_vector: &[f32],
+        query_text: &str,
+        k: usize,
+        filters: &SearchFilters,
+    ) -> Result<Vec<Hit>, StoreError> {
+        let search = self.search_untraced(query_vector, query_text, k, filters);
+        crate::traced(
+            "hybrid_search",
+            "chunks",
+            |h: &Vec<Hit>| h.len() as u64,
+            search,
+        )
+        .await
+    }
+
+    async fn search_untraced(
         &self,
         query_vector: &[f32],
         query_text: &str,

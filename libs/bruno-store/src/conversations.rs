@@ -151,6 +151,17 @@ impl Conversations {
     /// Upsert turns by id in one commit (a redelivered write changes nothing).
     /// Returns the table version after the commit.
     pub async fn write(&self, rows: &[TurnRow]) -> Result<u64, StoreError> {
+        let n = rows.len() as u64;
+        crate::traced(
+            "merge_insert",
+            "conversations",
+            |_| n,
+            self.write_untraced(rows),
+        )
+        .await
+    }
+
+    async fn write_untraced(&self, rows: &[TurnRow]) -> Result<u64, StoreError> {
         if rows.is_empty() {
             return Ok(self.table.version().await?);
         }
@@ -213,6 +224,21 @@ impl Conversations {
 
     /// The session's last `n` turns, oldest first.
     pub async fn recent(&self, session_id: &str, n: usize) -> Result<Vec<TurnRow>, StoreError> {
+        let recent = self.recent_untraced(session_id, n);
+        crate::traced(
+            "recent",
+            "conversations",
+            |t: &Vec<TurnRow>| t.len() as u64,
+            recent,
+        )
+        .await
+    }
+
+    async fn recent_untraced(
+        &self,
+        session_id: &str,
+        n: usize,
+    ) -> Result<Vec<TurnRow>, StoreError> {
         let batches: Vec<RecordBatch> = self
             .table
             .query()
@@ -242,6 +268,22 @@ impl Conversations {
 
     /// The session's `k` turns nearest to `vector`, best first.
     pub async fn related(
+        &self,
+        session_id: &str,
+        vector: &[f32],
+        k: usize,
+    ) -> Result<Vec<TurnRow>, StoreError> {
+        let related = self.related_untraced(session_id, vector, k);
+        crate::traced(
+            "vector_search",
+            "conversations",
+            |t: &Vec<TurnRow>| t.len() as u64,
+            related,
+        )
+        .await
+    }
+
+    async fn related_untraced(
         &self,
         session_id: &str,
         vector: &[f32],

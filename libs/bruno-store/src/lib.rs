@@ -33,6 +33,40 @@ pub use rank::{mmr, rrf};
 use serde::Deserialize;
 pub use sql::quote;
 
+/// Run `op` in a client span of one LanceDB operation on `table`
+/// (OpenTelemetry database conventions), recording the rows it returned or
+/// wrote and whether it failed.
+pub(crate) async fn traced<T>(
+    operation: &'static str,
+    table: &'static str,
+    rows: impl Fn(&T) -> u64,
+    op: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "db",
+        otel.name = %format_args!("{operation} {table}"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        "db.system.name" = "lancedb",
+        "db.operation.name" = operation,
+        "db.collection.name" = table,
+        "db.response.returned_rows" = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+    );
+    let result = op.instrument(span.clone()).await;
+    match &result {
+        Ok(value) => {
+            span.record("db.response.returned_rows", rows(value));
+        }
+        Err(e) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.type", e.to_string());
+        }
+    }
+    result
+}
+
 /// Schema-metadata key of the embedder model id.
 pub const META_MODEL: &str = "bruno.embedder.model";
 /// Schema-metadata key of the embedder dimension.

@@ -423,29 +423,6 @@ impl Handler for BackupService {
 mod tests {
     use super::*;
 
-    /// Every `bruno_*` metric the alert rules name is one this part exports.
-    #[test]
-    fn the_alert_rules_name_metrics_the_part_exports() {
-        let metrics = BackupMetrics::default();
-        metrics.count("failed");
-        let mut registry = Registry::default();
-        metrics.register(&mut registry);
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        let rules = include_str!("../../../deploy/prometheus/rules/backup.yml");
-        let named: Vec<&str> = rules
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .filter(|w| w.starts_with("bruno_"))
-            .collect();
-        assert!(named.len() >= 3, "{named:?}");
-        for name in named {
-            assert!(
-                text.lines().any(|l| l.starts_with(name)),
-                "{name} is not exported:\n{text}"
-            );
-        }
-    }
-
     #[test]
     fn defaults_sit_beside_a_local_store_and_an_s3_store_needs_them_set() {
         let r = BackupConfig::default().resolve("./data/lancedb").unwrap();

@@ -147,6 +147,9 @@ pub struct Target {
     pub source: String,
     /// Requests in flight.
     pub concurrency: usize,
+    /// `replyto` and `correlationid` for every document, so that their
+    /// `document.indexed` reach a [`Watch`].
+    pub reply: Option<(String, String)>,
 }
 
 async fn send(
@@ -167,6 +170,11 @@ async fn send(
             .body(body.clone());
         if let Some(key) = &target.api_key {
             request = request.bearer_auth(key);
+        }
+        if let Some((inbox, correlation)) = &target.reply {
+            request = request
+                .header("ce-replyto", inbox)
+                .header("ce-correlationid", correlation);
         }
         match request.send().await {
             Ok(r) if r.status().is_success() => return Ok(()),
@@ -263,4 +271,128 @@ pub async fn run(
         report.files.push(file);
     }
     report
+}
+
+/// What became of the documents `bruno ingest --wait` sent.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WaitReport {
+    /// Documents the ingress accepted.
+    pub sent: usize,
+    /// Documents committed (or unchanged, so already searchable).
+    pub indexed: usize,
+    /// Documents dead-lettered on the way, with the reason.
+    pub failed: Vec<(String, String)>,
+    /// Documents neither indexed nor failed when the wait ended.
+    pub pending: Vec<String>,
+}
+
+/// Follows the documents of one `bruno ingest` run: their `document.indexed`
+/// come to a reply inbox under one correlation id; the ones dead-lettered
+/// by the embedder or the writer are found in those parts' DLQs by the
+/// same correlation id.
+pub struct Watch {
+    broker: bruno_broker::Broker,
+    cancel: tokio_util::sync::CancellationToken,
+    inbox: bruno_broker::reply::Inbox,
+    registration: bruno_broker::reply::Registration,
+    correlation: String,
+}
+
+impl Watch {
+    /// Connect and wait until the inbox is bound.
+    pub async fn start(config: &crate::Config) -> anyhow::Result<Self> {
+        use bruno_events::payload::DocumentIndexed;
+        let (broker, cancel) = crate::connect_for_tool(config).await?;
+        let inbox = bruno_broker::reply::Inbox::start(
+            broker.clone(),
+            vec![DocumentIndexed::TYPE.to_owned()],
+            cancel.clone(),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !inbox.is_ready() {
+            if tokio::time::Instant::now() > deadline {
+                cancel.cancel();
+                anyhow::bail!("the reply queue for --wait was not ready within 10s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let correlation = uuid::Uuid::new_v4().to_string();
+        let registration = inbox.register(&correlation);
+        Ok(Self {
+            broker,
+            cancel,
+            inbox,
+            registration,
+            correlation,
+        })
+    }
+
+    /// `replyto` and `correlationid` for the documents to send.
+    pub fn address(&self) -> (String, String) {
+        (self.inbox.id().to_owned(), self.correlation.clone())
+    }
+
+    /// Wait until every one of `doc_ids` is indexed or failed, or until
+    /// `timeout`; `progress(indexed, failed)` is told of each change.
+    pub async fn wait(
+        mut self,
+        doc_ids: &[String],
+        timeout: Duration,
+        progress: impl Fn(usize, usize),
+    ) -> WaitReport {
+        use bruno_broker::reply::Reply;
+        use bruno_events::payload::DocumentIndexed;
+        use std::collections::{BTreeMap, BTreeSet};
+        let mut pending: BTreeSet<&str> = doc_ids.iter().map(String::as_str).collect();
+        let mut indexed = 0;
+        let mut failed: BTreeMap<String, String> = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut dlq_check = tokio::time::interval(Duration::from_secs(3));
+        dlq_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !pending.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                reply = self.registration.replies.recv() => match reply {
+                    Some(Reply::Event(event)) => {
+                        if let Ok(done) = bruno_events::decode_data::<DocumentIndexed>(&event)
+                            && pending.remove(done.doc_id.as_str())
+                        {
+                            indexed += 1;
+                        }
+                    }
+                    // The connection dropped; the inbox comes back by itself.
+                    Some(Reply::Lost) => {}
+                    None => break,
+                },
+                _ = dlq_check.tick() => {
+                    for part in ["embedder", "writer"] {
+                        let Ok(letters) = bruno_broker::dlq::list(&self.broker, part, 100_000).await else {
+                            continue;
+                        };
+                        for letter in letters {
+                            if letter.headers.get("correlationid") != Some(&self.correlation) {
+                                continue;
+                            }
+                            let doc_id = serde_json::from_str::<serde_json::Value>(&letter.data)
+                                .ok()
+                                .and_then(|v| v["doc_id"].as_str().map(str::to_owned));
+                            if let Some(doc_id) = doc_id
+                                && pending.remove(doc_id.as_str())
+                            {
+                                failed.insert(doc_id, format!("{} ({part}): {}", letter.code, letter.reason));
+                            }
+                        }
+                    }
+                }
+            }
+            progress(indexed, failed.len());
+        }
+        self.cancel.cancel();
+        WaitReport {
+            sent: doc_ids.len(),
+            indexed,
+            failed: failed.into_iter().collect(),
+            pending: pending.into_iter().map(str::to_owned).collect(),
+        }
+    }
 }

@@ -57,6 +57,8 @@ pub struct Config {
     pub consumers: ConsumersConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Trace export.
+    pub telemetry: bruno_runtime::telemetry::TelemetryConfig,
 }
 
 /// `[consumers]`: concurrency (the prefetch) of each consuming part.
@@ -98,20 +100,23 @@ impl Default for AdminConfig {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// JSON lines instead of text.
     pub json: bool,
-    /// Default filter when `RUST_LOG` is unset.
-    pub filter: String,
+    /// Filter when `RUST_LOG` is unset. Default: `info,lapin=warn` for the
+    /// parts (`bruno dev`, `bruno <part>`), `warn` for one-shot commands.
+    pub filter: Option<String>,
 }
 
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            json: false,
-            filter: "info,lapin=warn".into(),
+impl LogConfig {
+    /// The settings for a process that runs parts (`serving`) or a one-shot command.
+    pub fn settings(&self, serving: bool) -> bruno_runtime::telemetry::LogSettings {
+        let default = if serving { "info,lapin=warn" } else { "warn" };
+        bruno_runtime::telemetry::LogSettings {
+            json: self.json,
+            filter: self.filter.clone().unwrap_or_else(|| default.to_owned()),
         }
     }
 }
@@ -125,7 +130,7 @@ pub fn start_broker(
 ) -> Broker {
     let metrics = BrokerMetrics::default();
     metrics.register(registry);
-    let topology = Topology::new(config, registry::part_specs());
+    let topology = registry::topology(config);
     Broker::start(config.clone(), topology, name, metrics, cancel)
 }
 
@@ -190,6 +195,13 @@ async fn run_selected(
     let broker_cancel = CancellationToken::new();
     let mut metrics = Registry::default();
     let broker = start_broker(&config.broker, &name, &mut metrics, broker_cancel.clone());
+    let here: Vec<&str> = parts.iter().map(|p| p.name).collect();
+    tokio::spawn(bruno_broker::stats::watch(
+        broker.clone(),
+        bruno_broker::stats::watched(&broker, &here),
+        std::time::Duration::from_millis(config.broker.queue_stats_ms),
+        broker_cancel.clone(),
+    ));
     let mut readiness = Readiness::new().check("broker", {
         let broker = broker.clone();
         move || broker.is_connected()
@@ -250,6 +262,7 @@ async fn run_selected(
                     let (addr, task) = serve(addr, router, http_stop.clone())
                         .await
                         .with_context(|| format!("binding {key} {addr}"))?;
+                    tracing::info!(part = part.name, %addr, "listening");
                     match part.name {
                         "ingress" => bound.ingress = Some(addr),
                         "gateway" => bound.gateway = Some(addr),
@@ -275,6 +288,7 @@ async fn run_selected(
         let (admin_addr, admin_task) = serve(config.admin.listen, admin_router, shutdown.clone())
             .await
             .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
+        tracing::info!(part = "admin", addr = %admin_addr, "listening");
         anyhow::Ok((admin_addr, admin_task))
     }
     .await;

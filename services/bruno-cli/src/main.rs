@@ -65,6 +65,13 @@ enum Command {
         /// Print a JSON report instead of a progress bar.
         #[arg(long)]
         json: bool,
+        /// Then wait until every accepted document is searchable (or
+        /// dead-lettered); exits non-zero if any is not. Needs the broker.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 900)]
+        wait_timeout: u64,
     },
     /// Search the knowledge base (through the broker and the retriever).
     Search {
@@ -280,7 +287,22 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    bruno_runtime::telemetry::init(config.log.json, &config.log.filter);
+    // Processes that run parts log at INFO; one-shot commands at WARN.
+    let serving = match matches.subcommand() {
+        Some(("dev", _)) => Some("bruno-dev".to_owned()),
+        Some(("backup", sub)) if sub.subcommand().is_none() => Some("bruno-backup".to_owned()),
+        Some((name, _))
+            if registry::find(name).is_some() && Cli::command().find_subcommand(name).is_none() =>
+        {
+            Some(format!("bruno-{name}"))
+        }
+        _ => None,
+    };
+    let _telemetry = bruno_runtime::telemetry::init(
+        &config.log.settings(serving.is_some()),
+        &config.telemetry,
+        serving.as_deref().unwrap_or("bruno-cli"),
+    );
     let result = match matches.subcommand() {
         // A part without a command of its own (`bruno writer`); `bruno
         // backup` is a command that runs the part when given no subcommand.
@@ -334,6 +356,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             source,
             concurrency,
             json,
+            wait,
+            wait_timeout,
         } => {
             let url = url
                 .unwrap_or_else(|| format!("http://127.0.0.1:{}/", config.ingress.listen.port()));
@@ -353,11 +377,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 )
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
+            let watch = if wait {
+                Some(bruno_cli::ingest::Watch::start(&config).await?)
+            } else {
+                None
+            };
             let target = bruno_cli::ingest::Target {
                 url,
                 api_key,
                 source,
                 concurrency,
+                reply: watch.as_ref().map(|w| w.address()),
             };
             let report = bruno_cli::ingest::run(candidates, &target, |f| {
                 bar.inc(1);
@@ -372,15 +402,74 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             })
             .await;
             bar.finish_and_clear();
+            let waited = match watch {
+                Some(watch) => {
+                    let sent: Vec<String> = report
+                        .files
+                        .iter()
+                        .filter(|f| f.status == "accepted")
+                        .filter_map(|f| f.doc_id.clone())
+                        .collect();
+                    let bar = if json {
+                        indicatif::ProgressBar::hidden()
+                    } else {
+                        indicatif::ProgressBar::new(sent.len() as u64)
+                    };
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{bar:40} {pos}/{len} searchable {elapsed} {msg}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    let waited = watch
+                        .wait(
+                            &sent,
+                            std::time::Duration::from_secs(wait_timeout),
+                            |indexed, failed| {
+                                bar.set_position((indexed + failed) as u64);
+                                if failed > 0 {
+                                    bar.set_message(format!("{failed} failed"));
+                                }
+                            },
+                        )
+                        .await;
+                    bar.finish_and_clear();
+                    Some(waited)
+                }
+                None => None,
+            };
             if json {
-                print_json(&report)?;
+                match &waited {
+                    None => print_json(&report)?,
+                    Some(w) => print_json(&serde_json::json!({ "files": report, "wait": w }))?,
+                }
             } else {
                 println!(
                     "{} accepted, {} skipped, {} failed",
                     report.accepted, report.skipped, report.failed
                 );
+                if let Some(w) = &waited {
+                    println!(
+                        "{} sent, {} searchable, {} failed, {} still pending",
+                        w.sent,
+                        w.indexed,
+                        w.failed.len(),
+                        w.pending.len()
+                    );
+                    for (doc, reason) in &w.failed {
+                        println!("  failed {doc}: {reason}");
+                    }
+                }
             }
             anyhow::ensure!(report.failed == 0, "{} files failed", report.failed);
+            if let Some(w) = waited {
+                anyhow::ensure!(
+                    w.failed.is_empty() && w.pending.is_empty(),
+                    "{} documents failed and {} were not searchable in time (see bruno dlq list)",
+                    w.failed.len(),
+                    w.pending.len()
+                );
+            }
             Ok(())
         }
         Command::Search {
@@ -440,7 +529,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             manifests: true,
             cluster,
         } => {
-            let topology = bruno_broker::Topology::new(&config.broker, registry::part_specs());
+            let topology = registry::topology(&config.broker);
             print!("{}", bruno_cli::manifests_yaml(&topology, &cluster)?);
             Ok(())
         }

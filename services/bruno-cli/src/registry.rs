@@ -370,6 +370,22 @@ pub fn part_specs() -> Vec<PartSpec> {
         .collect()
 }
 
+/// Notification types: catalogue types no part's queue takes. They reach
+/// requesters' inboxes and observers; when nobody listens they are kept
+/// briefly in the observed queue, not in the unroutable one (ADR 12).
+pub fn observed_types() -> Vec<&'static str> {
+    bruno_events::catalogue()
+        .iter()
+        .map(|e| e.ty)
+        .filter(|ty| !PARTS.iter().any(|p| (p.consumes)().contains(ty)))
+        .collect()
+}
+
+/// The fleet's whole topology under `config`.
+pub fn topology(config: &bruno_broker::BrokerConfig) -> bruno_broker::Topology {
+    bruno_broker::Topology::new(config, part_specs()).with_observed(observed_types())
+}
+
 /// The parts that take events of type `ty` (from a queue or an inbox).
 pub fn consumers_of(ty: &str) -> Vec<String> {
     PARTS

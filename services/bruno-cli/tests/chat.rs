@@ -17,7 +17,7 @@ use bruno_events::EventData;
 use bruno_events::payload::{DocFormat, DocumentSubmitted};
 use bruno_generator::LlmConfig;
 use bruno_store::StoreConfig;
-use bruno_system_tests::{Harness, open_store};
+use bruno_system_tests::{Harness, await_indexed, await_ready, open_store, post_event};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -189,30 +189,19 @@ async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
         format: DocFormat::Markdown,
         metadata: BTreeMap::new(),
     };
-    let r = reqwest::Client::new()
-        .post(format!("http://{}/", bound.ingress.unwrap()))
-        .header("ce-specversion", "1.0")
-        .header("ce-id", "doc-1")
-        .header("ce-type", DocumentSubmitted::TYPE)
-        .header("ce-source", "tests")
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&doc).unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    let status = post_event(
+        bound.ingress.unwrap(),
+        "doc-1",
+        DocumentSubmitted::TYPE,
+        &serde_json::to_vec(&doc).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 202);
+    assert!(
+        await_indexed(dir.path(), "geology.md", Duration::from_secs(30)).await,
+        "the document was not indexed"
+    );
     let store = open_store(dir.path()).await;
-    let mut indexed = false;
-    for _ in 0..300 {
-        if let Some(t) = store.existing_chunks(&info()).await.unwrap()
-            && t.count(Some("geology.md")).await.unwrap() > 0
-        {
-            indexed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(indexed, "the document was not indexed");
     // The retriever reads with a 100 ms consistency interval.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -344,6 +333,7 @@ async fn a_hanging_llm_gets_a_504_and_its_late_answer_is_dropped_and_counted() {
     ));
     let bound = rx.await.unwrap();
     let gateway = bound.gateway.unwrap();
+    await_ready(bound.admin).await;
 
     let r = reqwest::Client::new()
         .post(format!("http://{gateway}/v1/chat"))
@@ -351,8 +341,9 @@ async fn a_hanging_llm_gets_a_504_and_its_late_answer_is_dropped_and_counted() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 504);
+    let status = r.status();
     let problem: Value = r.json().await.unwrap();
+    assert_eq!(status, 504, "{problem}");
     assert!(problem["correlation_id"].is_string(), "{problem}");
     // The gateway gave up before the LLM (2.5 s) answered.
     assert_eq!(

@@ -5,10 +5,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use bruno_broker::Names;
 use bruno_cli::{Config, run_ingress};
 use bruno_core::Secret;
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use tokio_util::sync::CancellationToken;
 
 fn bruno() -> Command {
@@ -26,37 +24,18 @@ fn prefix() -> String {
 
 /// Delete the fleet topology declared under `prefix`.
 async fn cleanup(prefix: &str) {
-    let names = Names::new(prefix);
     let conn = lapin::Connection::connect(&amqp_url(), Default::default())
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let config = bruno_broker::BrokerConfig::default();
-    for part in bruno_cli::registry::part_specs() {
-        let mut queues = vec![names.queue(&part.name), names.dlq(&part.name)];
-        queues.extend(
-            config
-                .retry_delays()
-                .iter()
-                .map(|d| names.retry(&part.name, *d)),
-        );
-        for q in queues {
-            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .unwrap();
-        }
-    }
-    ch.queue_delete(
-        names.unroutable().as_str().into(),
-        QueueDeleteOptions::default(),
-    )
-    .await
-    .unwrap();
-    for e in [names.exchange(), names.unroutable()] {
-        ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-            .await
-            .unwrap();
-    }
+    let config = bruno_broker::BrokerConfig {
+        prefix: prefix.to_owned(),
+        ..Default::default()
+    };
+    bruno_cli::registry::topology(&config)
+        .delete(&ch)
+        .await
+        .unwrap();
     let _ = conn.close(200, "".into()).await;
 }
 
@@ -255,10 +234,7 @@ async fn dev_serves_ingress_and_admin_then_shuts_down() {
 
 #[test]
 fn committed_topology_manifests_are_current() {
-    let topology = bruno_broker::Topology::new(
-        &bruno_broker::BrokerConfig::default(),
-        bruno_cli::registry::part_specs(),
-    );
+    let topology = bruno_cli::registry::topology(&bruno_broker::BrokerConfig::default());
     let rendered = bruno_cli::manifests_yaml(&topology, "bruno-rabbitmq").unwrap();
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -269,4 +245,55 @@ fn committed_topology_manifests_are_current() {
         committed == rendered,
         "deploy/rabbitmq/topology.yaml is stale: run `bruno topology --manifests > deploy/rabbitmq/topology.yaml`"
     );
+}
+
+/// The kustomize overlays render and every object validates against its
+/// schema, and docker-compose.yml validates against the Compose
+/// Specification (deploy/validate.py; needs kubectl, jsonschema and pyyaml,
+/// which .ci/run installs).
+#[test]
+fn deploy_manifests_and_compose_file_validate() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new("python3")
+        .arg(root.join("deploy/validate.py"))
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok   docker-compose.yml"), "{stdout}");
+}
+
+/// One-shot commands log at WARN by default and never colour a stream that
+/// is not a terminal (here, a pipe); with the filter raised they do log
+/// their INFO lines, still without colour.
+#[tokio::test]
+async fn one_shot_commands_log_warnings_only_and_never_in_colour() {
+    let prefix = prefix();
+    let run = |filter: Option<&str>| {
+        let mut cmd = bruno();
+        cmd.args(["dlq", "list", "--part", "writer"])
+            .env("BRUNO_BROKER__PREFIX", &prefix)
+            .env_remove("RUST_LOG");
+        if let Some(f) = filter {
+            cmd.env("BRUNO_LOG__FILTER", f);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let quiet = run(None);
+    assert!(!quiet.contains("INFO"), "{quiet}");
+    assert!(!quiet.contains('\u{1b}'), "{quiet:?}");
+    let chatty = run(Some("info"));
+    assert!(chatty.contains("INFO"), "{chatty}");
+    assert!(!chatty.contains('\u{1b}'), "{chatty:?}");
+    cleanup(&prefix).await;
 }

@@ -606,3 +606,107 @@ async fn malformed_documents_and_a_foreign_embedder_are_dead_lettered_and_the_pi
     observer.await.unwrap();
     h.cleanup().await;
 }
+
+/// Runs `bruno ingest <dir> --wait --json` against the fleet; returns its
+/// exit status and JSON report.
+async fn ingest_and_wait(
+    h: &Harness,
+    ingress: std::net::SocketAddr,
+    dir: &Path,
+) -> (bool, serde_json::Value) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_bruno"))
+        .args([
+            "ingest",
+            "--wait",
+            "--json",
+            "--concurrency",
+            "8",
+            "--wait-timeout",
+            "300",
+        ])
+        .arg("--url")
+        .arg(format!("http://{ingress}/"))
+        .arg(dir)
+        .envs(bruno_system_tests::broker_env(&h.config))
+        .output()
+        .await
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_documents_are_all_accounted_for_and_nothing_is_unroutable() {
+    let h = Harness::new(bruno_cli::registry::part_specs()).await;
+    let store_dir = tempfile::tempdir().unwrap();
+    let docs = tempfile::tempdir().unwrap();
+    for i in 0..1000 {
+        std::fs::write(
+            docs.path().join(format!("note-{i:04}.md")),
+            format!(
+                "# Note {i}\n\nField note number {i} about rock sample {}.",
+                i * 7
+            ),
+        )
+        .unwrap();
+    }
+    let mut c = config(&h, store_dir.path());
+    c.chunking.max_document_bytes = 2_000;
+    let fleet = InProc::start(c, &["ingress", "embedder", "writer"]).await;
+    let ingress = fleet.bound.ingress.unwrap();
+
+    let (ok, report) = ingest_and_wait(&h, ingress, docs.path()).await;
+    assert!(ok, "{report}");
+    assert_eq!(report["files"]["accepted"], 1000, "{report}");
+    assert_eq!(report["wait"]["indexed"], 1000, "{report}");
+    assert_eq!(report["wait"]["failed"], serde_json::json!([]));
+    assert_eq!(report["wait"]["pending"], serde_json::json!([]));
+    let store = open_store(store_dir.path()).await;
+    let table = store
+        .existing_chunks(&EmbedderInfo {
+            model: MODEL.into(),
+            dimension: 384,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(table.count(None).await.unwrap(), 1000);
+    // Every document.indexed went to the waiting CLI: none to the observed
+    // queue, none unroutable.
+    let names = bruno_broker::Names::new(h.config.prefix.clone());
+    assert_eq!(h.depth(&names.unroutable()).await, 0);
+    assert_eq!(h.depth(&names.observed()).await, 0);
+
+    // Again, unchanged, plus one document too big to embed: the unchanged
+    // ones count as searchable at once, the big one as failed, and the CLI
+    // says so with a non-zero exit.
+    std::fs::write(
+        docs.path().join("huge.md"),
+        "# Huge\n\n".to_owned() + &"rock ".repeat(1_000),
+    )
+    .unwrap();
+    let (ok, report) = ingest_and_wait(&h, ingress, docs.path()).await;
+    assert!(!ok, "{report}");
+    assert_eq!(report["wait"]["indexed"], 1000, "{report}");
+    let failed = report["wait"]["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{report}");
+    assert!(
+        failed[0][0].as_str().unwrap().ends_with("huge.md"),
+        "{report}"
+    );
+    assert!(
+        failed[0][1].as_str().unwrap().contains("invalid_payload"),
+        "{report}"
+    );
+    assert_eq!(table.count(None).await.unwrap(), 1000);
+    assert_eq!(h.depth(&names.unroutable()).await, 0);
+
+    fleet.stop().await;
+    h.cleanup().await;
+}

@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use bruno_embed::{AnyEmbedder, Embedder};
 use bruno_events::payload::{
-    ChatCompleted, ChunkRecord, ChunkWrite, DocFormat, DocumentSubmitted, MemoryWrite, Role,
-    TurnRecord, TurnWrite,
+    ChatCompleted, ChunkRecord, ChunkWrite, DocFormat, DocumentIndexed, DocumentSubmitted,
+    MemoryWrite, Role, TurnRecord, TurnWrite,
 };
 use bruno_events::{AttributesReader, Event, correlation_id, reply_event};
 use bruno_runtime::{Context, Handler, HandlerError, Incoming};
@@ -317,7 +317,15 @@ impl EmbedderService {
         {
             self.metrics.unchanged.inc();
             info!(doc_id = %doc.doc_id, "unchanged, skipped");
-            return Ok(Vec::new());
+            // Already searchable: say so, for whoever waits on the document.
+            let indexed = DocumentIndexed {
+                doc_id: doc.doc_id,
+                chunks_written: 0,
+                chunks_removed: 0,
+                table_version: 0,
+                unchanged: true,
+            };
+            return Ok(vec![reply_event(event, &ctx.source, 0, &indexed)]);
         }
         let config = self.config.clone();
         let counter = self.counter.clone();

@@ -151,9 +151,17 @@ impl Gateway {
                 1,
             ));
         }
-        let (traceparent, trace_id) = trace();
+        // The turn's trace: the request span's (publishing puts the
+        // producer span's context in the event), else a fresh W3C context.
         let mut event = new_event("bruno/gateway", data);
-        event.set_extension("traceparent", ExtensionValue::String(traceparent));
+        let trace_id = match bruno_broker::trace::trace_id(&tracing::Span::current()) {
+            Some(id) => id,
+            None => {
+                let (traceparent, fresh) = trace();
+                event.set_extension("traceparent", ExtensionValue::String(traceparent));
+                fresh
+            }
+        };
         let (correlation, registration) = self
             .inbox
             .send(&self.broker, event)

@@ -124,5 +124,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .layer(axum::middleware::from_fn(move |req, next| {
             admit::too_large(guard.clone(), req, next)
         }))
+        .layer(axum::middleware::from_fn(
+            bruno_runtime::telemetry::http_span,
+        ))
         .with_state(gw)
 }

@@ -251,6 +251,12 @@ pub struct Generator {
 impl Generator {
     /// A generator calling the configured LLM.
     pub fn new(config: GeneratorConfig, metrics: GeneratorMetrics) -> Self {
+        let (backend, url) = match &config.llm {
+            LlmConfig::Ollama { url, .. } => ("ollama", url),
+            LlmConfig::Openai { url, .. } => ("openai", url),
+        };
+        // The URL may hold credentials: log lines are redacted.
+        tracing::info!(backend, %url, model = config.llm.model(), "LLM");
         let llm = Llm::new(
             config.llm.clone(),
             Duration::from_millis(config.idle_timeout_ms),

@@ -128,7 +128,50 @@ impl Llm {
     }
 
     /// Stream a completion: `on_delta` gets each piece of text in order.
+    /// The call is a client span (OpenTelemetry GenAI conventions) with the
+    /// token counts the server reported.
     pub async fn stream(
+        &self,
+        messages: &[Message],
+        options: &Options,
+        on_delta: impl FnMut(String),
+    ) -> Result<Usage, LlmError> {
+        use tracing::Instrument;
+        let system = match &self.config {
+            LlmConfig::Ollama { .. } => "ollama",
+            LlmConfig::Openai { .. } => "openai",
+        };
+        let span = tracing::info_span!(
+            "llm",
+            otel.name = %format_args!("chat {}", self.model()),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            "gen_ai.operation.name" = "chat",
+            "gen_ai.system" = system,
+            "gen_ai.request.model" = %self.model(),
+            "gen_ai.request.max_tokens" = options.max_tokens,
+            "gen_ai.usage.input_tokens" = tracing::field::Empty,
+            "gen_ai.usage.output_tokens" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+        );
+        let result = self
+            .stream_untraced(messages, options, on_delta)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(usage) => {
+                span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+                span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
+            }
+            Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", e.to_string());
+            }
+        }
+        result
+    }
+
+    async fn stream_untraced(
         &self,
         messages: &[Message],
         options: &Options,

@@ -154,6 +154,9 @@ pub fn router(state: Arc<Ingress>, max_body_bytes: usize) -> Router {
         .with_state(state)
         .layer(RequestBodyLimitLayer::new(max_body_bytes))
         .layer(axum::middleware::map_response(problem_for_bare_413))
+        .layer(axum::middleware::from_fn(
+            bruno_runtime::telemetry::http_span,
+        ))
 }
 
 /// The limit layer answers 413 with a plain body when Content-Length is too

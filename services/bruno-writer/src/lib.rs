@@ -28,7 +28,7 @@ use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 /// `[writer]` config.
 #[derive(Debug, Clone, Deserialize)]
@@ -158,6 +158,8 @@ struct Pending {
     embedder: EmbedderInfo,
     work: Work,
     reply: Reply,
+    /// The span of the message the rows came with.
+    span: tracing::Span,
 }
 
 impl Pending {
@@ -286,6 +288,7 @@ impl Handler for Writer {
                 embedder,
                 work,
                 reply,
+                span: tracing::Span::current(),
             })
             .await
             .map_err(|_| HandlerError::internal("writer batcher stopped"))?;
@@ -300,6 +303,7 @@ impl Handler for Writer {
             chunks_written: written,
             chunks_removed: committed.removed,
             table_version: committed.version,
+            unchanged: false,
         };
         Ok(vec![reply_event(&input.event, &ctx.source, 0, &indexed)])
     }
@@ -396,9 +400,23 @@ async fn batcher(
         }
         for ((table, _, _), group) in groups {
             let embedder = group[0].embedder.clone();
+            // One commit serves several messages, each in its own trace: the
+            // commit is a child of the first and follows from the others.
+            let span = tracing::info_span!(parent: &group[0].span, "commit", ?table, messages = group.len());
+            for p in &group[1..] {
+                span.follows_from(&p.span);
+            }
             let committed = match table {
-                Table::Chunks => commit(&store, &tables, group, &metrics).await,
-                Table::Conversations => commit_turns(&store, &tables, group, &metrics).await,
+                Table::Chunks => {
+                    commit(&store, &tables, group, &metrics)
+                        .instrument(span)
+                        .await
+                }
+                Table::Conversations => {
+                    commit_turns(&store, &tables, group, &metrics)
+                        .instrument(span)
+                        .await
+                }
             };
             let n = since_compaction.entry(table).or_default();
             *n += u32::from(committed);
