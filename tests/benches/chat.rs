@@ -19,7 +19,7 @@
 //! with spans exported to an OTLP receiver in this process.
 //!
 //! Run: `cargo bench -p bruno-system-tests --bench chat` (BENCH_TURNS,
-//! BENCH_PACE_MS, BENCH_PACED_TURNS, BENCH_TRACE_TURNS).
+//! BENCH_PACE_MS, BENCH_PACED_TURNS, BENCH_TRACE_TURNS, BENCH_TRACE_ROUNDS).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[global_allocator]
@@ -361,60 +361,52 @@ fn fleet_config(broker: &bruno_broker::BrokerConfig, dir: &std::path::Path, url:
 }
 
 /// One-session turns through a fresh fleet per tracing mode, each on its
-/// own runtime: no subscriber, the binary's default (spans, no export), and
-/// spans exported to an OTLP receiver in this process.
+/// own runtime (no subscriber, the binary's default: spans without export,
+/// spans exported to an OTLP receiver in this process, a tenth exported),
+/// the modes interleaved over `BENCH_TRACE_ROUNDS` rounds; medians per mode.
 async fn tracing_cost(dir: &std::path::Path, url: &str, n: usize) {
-    use bruno_system_tests::{OtlpReceiver, Tracing};
+    use bruno_system_tests::{OtlpReceiver, Tracing, median};
     let otlp = OtlpReceiver::start().await;
-    let modes = [
-        Tracing::Off,
-        Tracing::Spans,
-        Tracing::Export(otlp.endpoint.clone()),
-        Tracing::Off,
-    ];
-    let mut results = Vec::new();
-    for mode in modes {
-        let (dir, url) = (dir.to_owned(), url.to_owned());
-        let label = mode.label();
-        let hist = tokio::task::spawn_blocking(move || {
-            mode.run(move || async move {
-                let h = Harness::new(bruno_cli::registry::part_specs()).await;
-                let shutdown = CancellationToken::new();
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let config = fleet_config(&h.config, &dir, &url);
-                let task = tokio::spawn(run_parts(config, &PARTS, shutdown.clone(), Some(tx)));
-                let gateway = rx.await.unwrap().gateway.unwrap();
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                turns(gateway, 1, 30).await; // warm-up
-                let hist = turns(gateway, 1, n).await;
-                shutdown.cancel();
-                let _ = task.await;
-                h.cleanup().await;
-                hist
+    let modes = Tracing::modes(&otlp.endpoint);
+    let rounds = env_or("BENCH_TRACE_ROUNDS", 3);
+    let mut p50s = vec![Vec::new(); modes.len()];
+    let mut p99s = vec![Vec::new(); modes.len()];
+    for _ in 0..rounds {
+        for (i, mode) in modes.iter().enumerate() {
+            let (dir, url, mode) = (dir.to_owned(), url.to_owned(), mode.clone());
+            let hist = tokio::task::spawn_blocking(move || {
+                mode.run(move || async move {
+                    let h = Harness::new(bruno_cli::registry::part_specs()).await;
+                    let shutdown = CancellationToken::new();
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let config = fleet_config(&h.config, &dir, &url);
+                    let task = tokio::spawn(run_parts(config, &PARTS, shutdown.clone(), Some(tx)));
+                    let gateway = rx.await.unwrap().gateway.unwrap();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    turns(gateway, 1, 30).await; // warm-up
+                    let hist = turns(gateway, 1, n).await;
+                    shutdown.cancel();
+                    let _ = task.await;
+                    h.cleanup().await;
+                    hist
+                })
             })
-        })
-        .await
-        .unwrap();
-        println!(
-            "tracing: {label:18} 1 session, {n} turns: p50 {:.2} ms p99 {:.2} ms",
-            ms(&hist, 0.5),
-            ms(&hist, 0.99)
-        );
-        results.push(hist);
+            .await
+            .unwrap();
+            p50s[i].push(ms(&hist, 0.5));
+            p99s[i].push(ms(&hist, 0.99));
+        }
     }
-    let off_p50 = (ms(&results[0], 0.5) + ms(&results[3], 0.5)) / 2.0;
-    let off_p99 = (ms(&results[0], 0.99) + ms(&results[3], 0.99)) / 2.0;
-    for (i, label) in [(1, "spans, no export"), (2, "spans exported")] {
+    let (off50, off99) = (median(&p50s[0]), median(&p99s[0]));
+    for (i, mode) in modes.iter().enumerate() {
         println!(
-            "tracing: {label} vs no subscriber (mean of the two runs): p50 {:+.2} ms, p99 {:+.2} ms — goal p50 <= +0.5 ms",
-            ms(&results[i], 0.5) - off_p50,
-            ms(&results[i], 0.99) - off_p99
+            "tracing: {:24} 1 session, {n} turns: median p50 {:.2} ms ({:+.2} ms), median p99 {:.2} ms ({:+.2} ms) — goal p50 <= +0.5 ms",
+            mode.label(),
+            median(&p50s[i]),
+            median(&p50s[i]) - off50,
+            median(&p99s[i]),
+            median(&p99s[i]) - off99,
         );
     }
-    println!(
-        "tracing: spans exported vs spans not exported: p50 {:+.2} ms, p99 {:+.2} ms; {} spans received",
-        ms(&results[2], 0.5) - ms(&results[1], 0.5),
-        ms(&results[2], 0.99) - ms(&results[1], 0.99),
-        otlp.spans().len()
-    );
+    println!("tracing: {} spans received", otlp.spans().len());
 }

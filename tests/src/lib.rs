@@ -411,6 +411,83 @@ fn free_port() -> u16 {
 impl PrivateBroker {
     /// Start a node and wait until it accepts AMQP connections.
     pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// Start a node that speaks only AMQP over TLS, with a server
+    /// certificate for `localhost` signed by a CA made here with openssl;
+    /// returns it and the CA's PEM file. Connect as `amqps://…@localhost`.
+    pub async fn start_tls() -> (Self, std::path::PathBuf) {
+        let broker = Self::start_with(true).await;
+        let ca = broker._dir.path().join("ca.pem");
+        (broker, ca)
+    }
+
+    fn make_test_ca(dir: &std::path::Path) {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Bruno test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ]);
+    }
+
+    async fn start_with(tls: bool) -> Self {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -421,11 +498,22 @@ impl PrivateBroker {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
         }
         std::fs::write(dir.path().join("plugins"), "[].\n").unwrap();
-        std::fs::write(
-            dir.path().join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
-        )
-        .unwrap();
+        let conf = if tls {
+            Self::make_test_ca(dir.path());
+            let file = |name: &str| dir.path().join(name).display().to_string();
+            format!(
+                "listeners.tcp = none\nlisteners.ssl.default = 127.0.0.1:{port}\n\
+                 ssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\nssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                file("ca.pem"),
+                file("server.pem"),
+                file("server.key")
+            )
+        } else {
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n")
+        };
+        std::fs::write(dir.path().join("rabbitmq.conf"), conf).unwrap();
         // Should the wrapper drop to the `rabbitmq` user, it must write here.
         for p in walk(dir.path()) {
             let mode = if p.is_dir() { 0o777 } else { 0o666 };
@@ -454,6 +542,14 @@ impl PrivateBroker {
     /// Its AMQP URL (guest account).
     pub fn url(&self) -> String {
         amqp_url(&format!("127.0.0.1:{}", self.port))
+    }
+
+    /// Its `amqps://` URL (guest account), for a node from [`Self::start_tls`].
+    pub fn tls_url(&self) -> String {
+        format!(
+            "amqps://guest:guest@localhost:{}/%2f?heartbeat=10",
+            self.port
+        )
     }
 
     async fn ctl(&self, args: &[&str]) -> std::process::Output {
@@ -1113,17 +1209,32 @@ pub enum Tracing {
     /// The `bruno` binary's default: spans with OpenTelemetry ids (and
     /// JSON-free warn logs), nothing exported.
     Spans,
-    /// Spans exported by OTLP/HTTP to this endpoint.
-    Export(String),
+    /// Spans exported by OTLP/HTTP to `endpoint`, `ratio` of new traces sampled.
+    Export {
+        /// The receiver.
+        endpoint: String,
+        /// `telemetry.sample_ratio`.
+        ratio: f64,
+    },
 }
 
 impl Tracing {
+    /// The modes a tracing-cost benchmark compares: none, the default,
+    /// everything exported, a tenth of the traces exported.
+    pub fn modes(endpoint: &str) -> Vec<Self> {
+        let export = |ratio| Self::Export {
+            endpoint: endpoint.to_owned(),
+            ratio,
+        };
+        vec![Self::Off, Self::Spans, export(1.0), export(0.1)]
+    }
+
     /// A short label.
-    pub fn label(&self) -> &'static str {
+    pub fn label(&self) -> String {
         match self {
-            Self::Off => "no subscriber",
-            Self::Spans => "spans, no export",
-            Self::Export(_) => "spans exported",
+            Self::Off => "no subscriber".into(),
+            Self::Spans => "spans, no export".into(),
+            Self::Export { ratio, .. } => format!("exported, {:.0} % sampled", ratio * 100.0),
         }
     }
 
@@ -1150,10 +1261,10 @@ impl Tracing {
                     );
                     (d, Some(g))
                 }
-                Tracing::Export(endpoint) => {
+                Tracing::Export { endpoint, ratio } => {
                     let telemetry = bruno_runtime::telemetry::TelemetryConfig {
                         otlp_endpoint: Some(endpoint.clone()),
-                        ..Default::default()
+                        sample_ratio: *ratio,
                     };
                     let (d, g) =
                         bruno_runtime::telemetry::dispatch(&log, &telemetry, "bruno-bench");
@@ -1244,4 +1355,15 @@ pub async fn await_ready(admin: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("{admin} never became ready");
+}
+
+/// The median of `values` (0 when empty).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }

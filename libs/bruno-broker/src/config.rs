@@ -7,8 +7,11 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// AMQP URI, credentials included (hence secret).
+    /// AMQP URI, credentials included (hence secret). `amqps://` for TLS.
     pub url: Secret,
+    /// PEM file of the CA(s) that signed the broker's certificate, for
+    /// `amqps://` to a broker with a private CA (else the public web roots).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Prefix for every exchange and queue name (isolates tests and tenants).
     pub prefix: String,
     /// `x-delivery-limit` of the part queues: redeliveries (crashes, nacks)
@@ -42,6 +45,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"),
+            ca_file: None,
             prefix: String::new(),
             delivery_limit: 10,
             retry_delays_ms: vec![1_000, 10_000, 60_000],

@@ -57,6 +57,8 @@ impl bruno_core::Classify for PublishError {
 enum ConnectError {
     #[error("connecting: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("reading broker.ca_file {0}: {1}")]
+    CaFile(String, std::io::Error),
     #[error(transparent)]
     Topology(#[from] TopologyError),
 }
@@ -314,7 +316,23 @@ impl Broker {
 async fn open(inner: &Inner) -> Result<(Session, BoxStream<'static, lapin::Event>), ConnectError> {
     let props =
         ConnectionProperties::default().with_connection_name(inner.connection_name.clone().into());
-    let connection = Connection::connect(inner.config.url.expose(), props).await?;
+    let tls = match &inner.config.ca_file {
+        Some(path) => lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| ConnectError::CaFile(path.display().to_string(), e))?,
+            ),
+        },
+        None => lapin::tcp::OwnedTLSConfig::default(),
+    };
+    let connection = Connection::connect_with_config(
+        inner.config.url.expose(),
+        props,
+        tls,
+        lapin::runtime::default_runtime()?,
+    )
+    .await?;
     let events = connection.events_listener().boxed();
     let setup = connection.create_channel().await?;
     inner.topology.declare(&setup).await?;

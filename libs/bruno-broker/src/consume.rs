@@ -12,7 +12,7 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
@@ -277,20 +277,7 @@ fn with_error_headers(
     reason: &str,
     attempts: u32,
 ) -> lapin::BasicProperties {
-    let mut h = delivery.properties.headers().clone().unwrap_or_default();
-    let s = |v: &str| AMQPValue::LongString(LongString::from(v));
-    h.insert(
-        headers::ATTEMPTS.into(),
-        AMQPValue::LongLongInt(i64::from(attempts)),
-    );
-    h.insert(headers::ERROR_REASON.into(), s(reason));
-    h.insert(headers::ERROR_CODE.into(), s(code.as_str()));
-    h.insert(headers::PART.into(), s(part));
-    h.insert(
-        headers::FAILED_AT.into(),
-        s(&chrono::Utc::now().to_rfc3339()),
-    );
-    delivery.properties.clone().with_headers(h)
+    crate::dlq::failed_props(delivery.properties.clone(), part, code, reason, attempts)
 }
 
 #[cfg(test)]

@@ -233,3 +233,30 @@ pub async fn purge(broker: &Broker, part: &str) -> Result<u32, DlqError> {
     channel.close(200, "purged".into()).await?;
     Ok(n)
 }
+
+/// `props` with Bruno's error headers: how many attempts failed, the error
+/// code and reason, the part that gave up and when. Every dead letter and
+/// retry carries them, whoever wrote it.
+pub fn failed_props(
+    props: lapin::BasicProperties,
+    part: &str,
+    code: bruno_core::ErrorCode,
+    reason: &str,
+    attempts: u32,
+) -> lapin::BasicProperties {
+    use lapin::types::{AMQPValue, LongString};
+    let mut h = props.headers().clone().unwrap_or_default();
+    let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+    h.insert(
+        crate::headers::ATTEMPTS.into(),
+        AMQPValue::LongLongInt(i64::from(attempts)),
+    );
+    h.insert(crate::headers::ERROR_REASON.into(), s(reason));
+    h.insert(crate::headers::ERROR_CODE.into(), s(code.as_str()));
+    h.insert(crate::headers::PART.into(), s(part));
+    h.insert(
+        crate::headers::FAILED_AT.into(),
+        s(&chrono::Utc::now().to_rfc3339()),
+    );
+    props.with_headers(h)
+}

@@ -77,7 +77,7 @@ impl Context {
     }
 
     /// End the part's background work and wait for it.
-    async fn finish(&self) {
+    pub(crate) async fn finish(&self) {
         self.stopped.cancel();
         self.tasks.close();
         self.tasks.wait().await;
@@ -318,7 +318,7 @@ impl<H: Handler> Processor for Adapter<H> {
 }
 
 /// Run the ticker of `handler` until `until` fires.
-async fn ticks<H: Handler>(handler: Arc<H>, ctx: Context, until: CancellationToken) {
+pub(crate) async fn ticks<H: Handler>(handler: Arc<H>, ctx: Context, until: CancellationToken) {
     let Some(every) = handler.tick_every() else {
         return;
     };

@@ -5,14 +5,24 @@ use http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// A configured digest that is not 64 hex characters.
+/// API key settings that cannot be served.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid {setting}[{index}]: expected 64 hex characters (SHA-256)")]
-pub struct BadKeyHash {
-    /// The config key (`gateway.api_key_hashes`).
-    pub setting: String,
-    /// Which entry.
-    pub index: usize,
+pub enum KeyError {
+    /// A configured digest that is not 64 hex characters.
+    #[error("invalid {setting}[{index}]: expected 64 hex characters (SHA-256)")]
+    BadHash {
+        /// The config key (`gateway.api_key_hashes`).
+        setting: String,
+        /// Which entry.
+        index: usize,
+    },
+    /// Keys are required and none is configured: refuse to serve rather
+    /// than serve everyone (no fail-open).
+    #[error("{setting} is empty but API keys are required: refusing to start without them")]
+    Missing {
+        /// The config key (`gateway.api_key_hashes`).
+        setting: String,
+    },
 }
 
 /// The SHA-256 hex digest to configure for `key`.
@@ -36,8 +46,14 @@ pub enum Caller {
 }
 
 impl ApiKeys {
-    /// Parse configured digests; `setting` names the key in errors.
-    pub fn from_hashes(setting: &str, hashes: &[String]) -> Result<Self, BadKeyHash> {
+    /// Parse configured digests; `setting` names the key in errors. With
+    /// `required`, an empty list is an error instead of "no authentication".
+    pub fn from_hashes(setting: &str, hashes: &[String], required: bool) -> Result<Self, KeyError> {
+        if required && hashes.iter().all(|h| h.trim().is_empty()) {
+            return Err(KeyError::Missing {
+                setting: setting.to_owned(),
+            });
+        }
         let digests = hashes
             .iter()
             .enumerate()
@@ -45,7 +61,7 @@ impl ApiKeys {
                 hex::decode(h.trim())
                     .ok()
                     .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                    .ok_or_else(|| BadKeyHash {
+                    .ok_or_else(|| KeyError::BadHash {
                         setting: setting.to_owned(),
                         index,
                     })
@@ -81,14 +97,19 @@ mod tests {
 
     #[test]
     fn keys_are_checked_by_digest() {
-        let keys = ApiKeys::from_hashes("k", &[hash_key("s3cret")]).unwrap();
+        let keys = ApiKeys::from_hashes("k", &[hash_key("s3cret")], true).unwrap();
         let mut h = HeaderMap::new();
         assert_eq!(keys.check(&h), None);
         h.insert("x-api-key", "wrong".parse().unwrap());
         assert_eq!(keys.check(&h), None);
         h.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
         assert_eq!(keys.check(&h), Some(Caller::Key(hash_key("s3cret"))));
-        assert!(ApiKeys::from_hashes("k", &["xyz".into()]).is_err());
+        assert!(ApiKeys::from_hashes("k", &["xyz".into()], false).is_err());
+        // Required and missing: an error naming the setting, never "open".
+        let err = ApiKeys::from_hashes("gateway.api_key_hashes", &[], true).unwrap_err();
+        assert!(matches!(err, KeyError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("gateway.api_key_hashes"));
+        assert!(ApiKeys::from_hashes("k", &[], false).is_ok());
         assert_eq!(
             ApiKeys::default().check(&HeaderMap::new()),
             Some(Caller::Anonymous)

@@ -18,6 +18,59 @@ use crate::handler::invoke;
 use crate::http_events::{Mode, parse};
 use crate::{Context, ErrorCode, Handler, Problem};
 
+/// A part served in push mode, with the same lifecycle as pull mode.
+pub struct PushPart {
+    /// `POST /` for the Trigger's deliveries; they wait until the part's
+    /// `start` hook has run.
+    pub router: Router,
+    /// To await once the HTTP server has drained: ends the ticks, runs the
+    /// `stop` hook and waits for the part's background work.
+    pub finish: futures_util::future::BoxFuture<'static, ()>,
+}
+
+/// Serve `handler` as part `part` in push mode (a Knative Trigger
+/// subscriber): its `start` hook first, its ticks beside, outputs beyond
+/// the one reply published through `broker`, then [`PushPart::finish`].
+pub fn push_part<H: Handler>(
+    part: &str,
+    broker: Option<crate::Broker>,
+    handler: Arc<H>,
+    max_body_bytes: usize,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> PushPart {
+    let ctx = Context::new(part, broker, shutdown.clone());
+    let (started_tx, started) = tokio::sync::watch::channel(false);
+    let lifecycle = {
+        let (handler, ctx) = (handler.clone(), ctx.clone());
+        tokio::spawn(async move {
+            handler.start(&ctx).await;
+            let _ = started_tx.send(true);
+            crate::handler::ticks(handler, ctx.clone(), ctx.shutdown.clone()).await;
+        })
+    };
+    let route = {
+        let (handler, ctx) = (handler.clone(), ctx.clone());
+        move |headers: HeaderMap, body: Bytes| {
+            let (handler, ctx, mut started) = (handler.clone(), ctx.clone(), started.clone());
+            async move {
+                if started.wait_for(|s| *s).await.is_err() {
+                    return Problem::unavailable("the part is stopping", 1).into_response();
+                }
+                deliver(handler.as_ref(), &ctx, &headers, &body).await
+            }
+        }
+    };
+    let router = Router::new()
+        .route("/", post(route))
+        .layer(DefaultBodyLimit::max(max_body_bytes));
+    let finish = Box::pin(async move {
+        let _ = lifecycle.await;
+        handler.stop(&ctx).await;
+        ctx.finish().await;
+    });
+    PushPart { router, finish }
+}
+
 /// A router serving `handler` on `POST /`.
 pub fn push_router<H: Handler>(handler: Arc<H>, ctx: Context, max_body_bytes: usize) -> Router {
     let route = move |headers: HeaderMap, body: Bytes| {

@@ -71,6 +71,12 @@ pub struct ConsumersConfig {
     pub retriever: u16,
     /// Chat turns generated at once.
     pub generator: u16,
+    /// Push mode: serve the consuming part of this process as a Knative
+    /// Trigger subscriber (`POST /`) on this address instead of consuming
+    /// its queue. One consuming part per process.
+    pub push_listen: Option<SocketAddr>,
+    /// Largest event body push mode takes.
+    pub push_max_body_bytes: usize,
 }
 
 impl Default for ConsumersConfig {
@@ -79,6 +85,8 @@ impl Default for ConsumersConfig {
             embedder: 2,
             retriever: 16,
             generator: 16,
+            push_listen: None,
+            push_max_body_bytes: 16 << 20,
         }
     }
 }
@@ -188,6 +196,14 @@ async fn run_selected(
 ) -> anyhow::Result<()> {
     let parts = parts?;
     anyhow::ensure!(!parts.is_empty(), "no part to run");
+    let consuming = parts
+        .iter()
+        .filter(|p| matches!(p.role, registry::Role::Consumer { .. }))
+        .count();
+    anyhow::ensure!(
+        config.consumers.push_listen.is_none() || consuming <= 1,
+        "consumers.push_listen (push mode) serves one consuming part per process; this one runs {consuming}"
+    );
     let name = match parts.as_slice() {
         [one] => format!("bruno-{}", one.name),
         _ => "bruno-dev".to_owned(),
@@ -258,6 +274,7 @@ async fn run_selected(
                 Started::Http {
                     listen: (key, addr),
                     router,
+                    after,
                 } => {
                     let (addr, task) = serve(addr, router, http_stop.clone())
                         .await
@@ -270,6 +287,9 @@ async fn run_selected(
                     }
                     tokio::spawn(async move {
                         task.await??;
+                        if let Some(after) = after {
+                            after.await;
+                        }
                         Ok(())
                     })
                 }

@@ -85,9 +85,26 @@ impl Build<'_> {
             .cloned()
             .context("part needs the store but its entry does not say so")
     }
-    /// Consume `name`'s queue with `handler` until this part is told to stop.
+    /// Consume `name`'s queue with `handler` until this part is told to
+    /// stop; or, with `consumers.push_listen` set, serve it as a Knative
+    /// Trigger subscriber on that address (push mode).
     pub fn consumer<H: Handler>(&self, name: &str, concurrency: u16, handler: H) -> Started {
-        let (broker, name, stop) = (self.broker.clone(), name.to_owned(), self.stop.clone());
+        let (broker, stop) = (self.broker.clone(), self.stop.clone());
+        if let Some(addr) = self.config.consumers.push_listen {
+            let part = bruno_runtime::push_part(
+                name,
+                Some(broker),
+                Arc::new(handler),
+                self.config.consumers.push_max_body_bytes,
+                stop,
+            );
+            return Started::Http {
+                listen: ("consumers.push_listen", addr),
+                router: part.router,
+                after: Some(part.finish),
+            };
+        }
+        let name = name.to_owned();
         Started::Consumer(Box::pin(async move {
             bruno_runtime::run_pull(broker, &name, concurrency, Arc::new(handler), stop).await;
         }))
@@ -109,6 +126,8 @@ pub enum Started {
         listen: (&'static str, SocketAddr),
         /// Its routes.
         router: Router,
+        /// Awaited once the server has drained (a push-mode part's stop hook).
+        after: Option<BoxFuture<'static, ()>>,
     },
 }
 
@@ -190,6 +209,7 @@ static PARTS: &[PartEntry] = &[
             Ok(Started::Http {
                 listen: ("ingress.listen", config.listen),
                 router: bruno_ingress::router(ingress, config.max_body_bytes),
+                after: None,
             })
         },
     },
@@ -298,6 +318,7 @@ static PARTS: &[PartEntry] = &[
             Ok(Started::Http {
                 listen: ("gateway.listen", config.listen),
                 router: bruno_gateway::router(gateway),
+                after: None,
             })
         },
     },

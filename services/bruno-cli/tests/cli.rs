@@ -247,26 +247,6 @@ fn committed_topology_manifests_are_current() {
     );
 }
 
-/// The kustomize overlays render and every object validates against its
-/// schema, and docker-compose.yml validates against the Compose
-/// Specification (deploy/validate.py; needs kubectl, jsonschema and pyyaml,
-/// which .ci/run installs).
-#[test]
-fn deploy_manifests_and_compose_file_validate() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new("python3")
-        .arg(root.join("deploy/validate.py"))
-        .output()
-        .expect("python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("ok   docker-compose.yml"), "{stdout}");
-}
-
 /// One-shot commands log at WARN by default and never colour a stream that
 /// is not a terminal (here, a pipe); with the filter raised they do log
 /// their INFO lines, still without colour.
@@ -295,5 +275,49 @@ async fn one_shot_commands_log_warnings_only_and_never_in_colour() {
     let chatty = run(Some("info"));
     assert!(chatty.contains("INFO"), "{chatty}");
     assert!(!chatty.contains('\u{1b}'), "{chatty:?}");
+    cleanup(&prefix).await;
+}
+
+/// With `require_api_keys` and no key configured, the ingress and the gateway
+/// refuse to start (no fail-open), naming the setting.
+#[tokio::test]
+async fn front_parts_refuse_to_start_without_required_api_keys() {
+    let prefix = prefix();
+    for part in ["ingress", "gateway"] {
+        let mut child = bruno()
+            .arg(part)
+            .env(
+                format!("BRUNO_{}__REQUIRE_API_KEYS", part.to_uppercase()),
+                "true",
+            )
+            .env(
+                format!("BRUNO_{}__LISTEN", part.to_uppercase()),
+                "127.0.0.1:0",
+            )
+            .env("BRUNO_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("BRUNO_BROKER__PREFIX", &prefix)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("bruno {part} started without its required API keys");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success());
+        assert!(
+            stderr.contains(&format!("{part}.api_key_hashes is empty")),
+            "{stderr}"
+        );
+    }
     cleanup(&prefix).await;
 }

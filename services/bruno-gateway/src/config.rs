@@ -20,6 +20,8 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// SHA-256 hex digests of accepted API keys (`bruno keys hash KEY`); empty: no auth.
     pub api_key_hashes: Vec<String>,
+    /// Refuse to start when `api_key_hashes` is empty (staging, prod).
+    pub require_api_keys: bool,
     /// Requests per minute per key (0: no limit).
     pub requests_per_minute: u32,
     /// Requests a key may send at once above the steady rate.
@@ -41,6 +43,7 @@ impl Default for GatewayConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
             api_key_hashes: Vec::new(),
+            require_api_keys: false,
             requests_per_minute: 600,
             burst: 60,
             max_body_bytes: 256 << 10,

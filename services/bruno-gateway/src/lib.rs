@@ -33,7 +33,7 @@ use bruno_broker::reply::Inbox;
 use bruno_events::EventData;
 use bruno_events::payload::{ChatCompleted, ChatDelta, ChatFailed, SearchCompleted};
 use bruno_runtime::Problem;
-use bruno_runtime::keys::{ApiKeys, BadKeyHash};
+use bruno_runtime::keys::{ApiKeys, KeyError};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::StatusCode;
 use tokio_util::sync::CancellationToken;
@@ -67,8 +67,12 @@ impl Gateway {
         broker: Broker,
         metrics: GatewayMetrics,
         shutdown: CancellationToken,
-    ) -> Result<Self, BadKeyHash> {
-        let keys = ApiKeys::from_hashes("gateway.api_key_hashes", &config.api_key_hashes)?;
+    ) -> Result<Self, KeyError> {
+        let keys = ApiKeys::from_hashes(
+            "gateway.api_key_hashes",
+            &config.api_key_hashes,
+            config.require_api_keys,
+        )?;
         let limiter = NonZeroU32::new(config.requests_per_minute).map(|rpm| {
             let burst = NonZeroU32::new(config.burst.max(1)).unwrap_or(NonZeroU32::MIN);
             RateLimiter::keyed(Quota::per_minute(rpm).allow_burst(burst))

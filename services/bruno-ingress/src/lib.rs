@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bruno_broker::{Broker, PublishError};
@@ -41,6 +41,8 @@ pub struct IngressConfig {
     /// SHA-256 (hex) of the accepted API keys; empty means no auth.
     /// `bruno keys hash` prints the hash of a key.
     pub api_key_hashes: Vec<String>,
+    /// Refuse to start when `api_key_hashes` is empty (staging, prod).
+    pub require_api_keys: bool,
     /// `Retry-After` seconds while the broker is unreachable.
     pub retry_after_secs: u32,
 }
@@ -52,13 +54,14 @@ impl Default for IngressConfig {
             max_body_bytes: 4 << 20,
             max_data_bytes: 2 << 20,
             api_key_hashes: Vec::new(),
+            require_api_keys: false,
             retry_after_secs: 1,
         }
     }
 }
 
 use bruno_runtime::keys::ApiKeys;
-pub use bruno_runtime::keys::{BadKeyHash, hash_key};
+pub use bruno_runtime::keys::{KeyError, hash_key};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -124,8 +127,12 @@ impl Ingress {
         config: &IngressConfig,
         broker: Broker,
         metrics: IngressMetrics,
-    ) -> Result<Self, BadKeyHash> {
-        let keys = ApiKeys::from_hashes("ingress.api_key_hashes", &config.api_key_hashes)?;
+    ) -> Result<Self, KeyError> {
+        let keys = ApiKeys::from_hashes(
+            "ingress.api_key_hashes",
+            &config.api_key_hashes,
+            config.require_api_keys,
+        )?;
         Ok(Self {
             broker,
             keys,
@@ -147,6 +154,7 @@ impl Ingress {
 pub fn router(state: Arc<Ingress>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/", post(ingest))
+        .route("/dead-letters/{part}", post(dead_letter))
         // Knative's queue-proxy probes the serving port; the admin server
         // (with /metrics) stays on its own port.
         .route("/live", get(|| async { "live" }))
@@ -282,5 +290,95 @@ async fn ingest(State(state): State<Arc<Ingress>>, request: Request) -> Response
             )
             .into_response()
         }
+    }
+}
+
+/// What Knative says about an event it gave up on (the extensions its
+/// dispatcher adds before sending it to the dead-letter sink), as Bruno's
+/// error code and reason.
+fn knative_failure(event: &bruno_events::Event) -> (bruno_runtime::ErrorCode, String) {
+    use base64::Engine as _;
+    use bruno_runtime::ErrorCode;
+    let status = bruno_events::ext_str(event, "knativeerrorcode").unwrap_or("none");
+    let dest = bruno_events::ext_str(event, "knativeerrordest").unwrap_or("the subscriber");
+    // The subscriber's answer: a Bruno part answers problem+json whose type
+    // ends in its error code.
+    let problem = bruno_events::ext_str(event, "knativeerrordata")
+        .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let slug = problem
+        .as_ref()
+        .and_then(|p| p["type"].as_str())
+        .and_then(|t| t.rsplit('/').next())
+        .and_then(|slug| ErrorCode::ALL.into_iter().find(|c| c.as_str() == slug));
+    let detail = problem
+        .as_ref()
+        .and_then(|p| p["detail"].as_str())
+        .unwrap_or("no answer");
+    let code = slug.unwrap_or(if status.starts_with('4') {
+        ErrorCode::InvalidEvent
+    } else {
+        ErrorCode::Dependency
+    });
+    (
+        code,
+        format!("Knative gave up delivering to {dest} (HTTP {status}): {detail}"),
+    )
+}
+
+/// The dead-letter sink of push mode (a Trigger's `delivery.deadLetterSink`):
+/// the event goes to `<part>.dlq` with Bruno's error headers, so `bruno dlq`
+/// lists, replays and purges push-mode failures as it does pull-mode ones.
+async fn dead_letter(
+    State(state): State<Arc<Ingress>>,
+    Path(part): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !state.authorized(&headers) {
+        state.metrics.outcome("unauthorized");
+        return Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid API key is required",
+        )
+        .into_response();
+    }
+    if state.broker.topology().part(&part).is_none() {
+        return Problem::new(
+            StatusCode::NOT_FOUND,
+            "unknown-part",
+            format!("no part {part:?}"),
+        )
+        .into_response();
+    }
+    let event = match parse(&headers, &body) {
+        Ok((Mode::Batch, _)) => {
+            return Problem::invalid("body", "one dead letter per request").into_response();
+        }
+        Ok((_, mut events)) if events.len() == 1 => events.remove(0),
+        Ok(_) => return Problem::invalid("body", "one dead letter per request").into_response(),
+        Err(p) => return p.into_response(),
+    };
+    let (code, reason) = knative_failure(&event);
+    let (props, body) = match bruno_broker::codec::encode(&event) {
+        Ok(encoded) => encoded,
+        Err(e) => {
+            return Problem::new(StatusCode::BAD_REQUEST, "invalid-event", e.to_string())
+                .into_response();
+        }
+    };
+    let props = bruno_broker::dlq::failed_props(props, &part, code, &reason, 1);
+    let dlq = state.broker.topology().names.dlq(&part);
+    match state.broker.publish_raw("", &dlq, props, &body).await {
+        Ok(()) => {
+            tracing::warn!(%part, %code, %reason, "push-mode dead letter stored");
+            StatusCode::ACCEPTED.into_response()
+        }
+        Err(e) => Problem::unavailable(
+            format!("not confirmed by the broker: {e}"),
+            state.retry_after,
+        )
+        .into_response(),
     }
 }
