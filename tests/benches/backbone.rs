@@ -326,7 +326,7 @@ async fn main() {
 async fn tracing_cost(h: std::sync::Arc<Harness>, n: usize, concurrency: usize) {
     use bruno_system_tests::{OtlpReceiver, Tracing, median};
     println!("---");
-    let otlp = OtlpReceiver::start().await;
+    let otlp = OtlpReceiver::start_counting().await;
     let modes = Tracing::modes(&otlp.endpoint);
     let rounds = env_or("BENCH_TRACE_ROUNDS", 3);
     let mut rates = vec![Vec::new(); modes.len()];
@@ -362,6 +362,6 @@ async fn tracing_cost(h: std::sync::Arc<Harness>, n: usize, concurrency: usize) 
     }
     println!(
         "tracing: goal: export on loses <= 5 % of the throughput; {} spans received",
-        otlp.spans().len()
+        otlp.count()
     );
 }

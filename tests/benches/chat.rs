@@ -366,7 +366,7 @@ fn fleet_config(broker: &bruno_broker::BrokerConfig, dir: &std::path::Path, url:
 /// the modes interleaved over `BENCH_TRACE_ROUNDS` rounds; medians per mode.
 async fn tracing_cost(dir: &std::path::Path, url: &str, n: usize) {
     use bruno_system_tests::{OtlpReceiver, Tracing, median};
-    let otlp = OtlpReceiver::start().await;
+    let otlp = OtlpReceiver::start_counting().await;
     let modes = Tracing::modes(&otlp.endpoint);
     let rounds = env_or("BENCH_TRACE_ROUNDS", 3);
     let mut p50s = vec![Vec::new(); modes.len()];
@@ -408,5 +408,5 @@ async fn tracing_cost(dir: &std::path::Path, url: &str, n: usize) {
             median(&p99s[i]) - off99,
         );
     }
-    println!("tracing: {} spans received", otlp.spans().len());
+    println!("tracing: {} spans received", otlp.count());
 }

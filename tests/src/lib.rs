@@ -752,25 +752,56 @@ pub struct OtlpReceiver {
     /// Base URL to give exporters (`/v1/traces` is served).
     pub endpoint: String,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    received: Arc<std::sync::atomic::AtomicUsize>,
     stop: CancellationToken,
 }
 
 impl OtlpReceiver {
     /// Start the receiver.
     pub async fn start() -> Self {
+        Self::start_with(true).await
+    }
+
+    /// A receiver that decodes every request, as a collector does, and
+    /// only counts the spans (benchmarks: it shares the machine).
+    pub async fn start_counting() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// Spans received so far, kept or not.
+    pub fn count(&self) -> usize {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn start_with(keep_spans: bool) -> Self {
         use opentelemetry_proto::tonic::collector::trace::v1::{
             ExportTraceServiceRequest, ExportTraceServiceResponse,
         };
         use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
         use prost::Message;
         let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
+        let received: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let keep = spans.clone();
+        let counter = received.clone();
         let receive = move |body: bytes::Bytes| {
-            let keep = keep.clone();
+            let (keep, counter) = (keep.clone(), counter.clone());
             async move {
                 let Ok(request) = ExportTraceServiceRequest::decode(body) else {
                     return (axum::http::StatusCode::BAD_REQUEST, Vec::new());
                 };
+                let n: usize = request
+                    .resource_spans
+                    .iter()
+                    .flat_map(|r| &r.scope_spans)
+                    .map(|s| s.spans.len())
+                    .sum();
+                counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                if !keep_spans {
+                    return (
+                        axum::http::StatusCode::OK,
+                        ExportTraceServiceResponse::default().encode_to_vec(),
+                    );
+                }
                 let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
                     .as_ref()
                     .and_then(|v| v.value.as_ref())
@@ -827,6 +858,7 @@ impl OtlpReceiver {
         Self {
             endpoint,
             spans,
+            received,
             stop,
         }
     }
