@@ -285,7 +285,7 @@ async fn main() {
     let config_for_stages = config.embedder.clone();
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(run_parts(config, &PARTS, shutdown.clone(), Some(tx)));
+    let fleet = tokio::spawn(run_parts(config, &PARTS, shutdown.clone(), Some(tx)));
     let gateway = rx.await.unwrap().gateway.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     turns(gateway, 1, 20).await; // warm-up
@@ -332,6 +332,8 @@ async fn main() {
         ms(&ttft, 0.5) - ms(&llm, 0.5)
     );
     shutdown.cancel();
+    // Stopped before its queues go: a running fleet would declare them again.
+    let _ = fleet.await;
     h.cleanup().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     tracing_cost(dir.path(), &url, env_or("BENCH_TRACE_TURNS", 300)).await;
