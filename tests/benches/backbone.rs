@@ -331,9 +331,11 @@ async fn tracing_cost(h: std::sync::Arc<Harness>, n: usize, concurrency: usize) 
     let rounds = env_or("BENCH_TRACE_ROUNDS", 3);
     let mut rates = vec![Vec::new(); modes.len()];
     let mut p50s = vec![Vec::new(); modes.len()];
-    for _ in 0..rounds {
-        for (i, mode) in modes.iter().enumerate() {
-            let (h, mode) = (h.clone(), mode.clone());
+    for round in 0..rounds {
+        // The order rotates every round, so no mode always runs first.
+        for offset in 0..modes.len() {
+            let i = (round + offset) % modes.len();
+            let (h, mode) = (h.clone(), modes[i].clone());
             let (rate, hist) = tokio::task::spawn_blocking(move || {
                 mode.run(move || async move {
                     ingress(&h, 2_000, concurrency).await;

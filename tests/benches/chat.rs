@@ -373,11 +373,25 @@ async fn tracing_cost(dir: &std::path::Path, url: &str, n: usize) {
     let rounds = env_or("BENCH_TRACE_ROUNDS", 3);
     let mut p50s = vec![Vec::new(); modes.len()];
     let mut p99s = vec![Vec::new(); modes.len()];
-    for _ in 0..rounds {
-        for (i, mode) in modes.iter().enumerate() {
-            let (dir, url, mode) = (dir.to_owned(), url.to_owned(), mode.clone());
+    for round in 0..rounds {
+        // Each fleet gets its own copy of the seeded store (its turns grow
+        // the conversations table), and the order rotates every round, so no
+        // mode always runs on a warmer or busier machine.
+        for offset in 0..modes.len() {
+            let i = (round + offset) % modes.len();
+            let fresh = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("cp")
+                .arg("-r")
+                .arg(format!("{}/.", dir.display()))
+                .arg(fresh.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "copying the store");
+            let (url, mode) = (url.to_owned(), modes[i].clone());
+            let run_dir = fresh.path().to_owned();
             let hist = tokio::task::spawn_blocking(move || {
                 mode.run(move || async move {
+                    let dir = run_dir;
                     let h = Harness::new(bruno_cli::registry::part_specs()).await;
                     let shutdown = CancellationToken::new();
                     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -397,6 +411,7 @@ async fn tracing_cost(dir: &std::path::Path, url: &str, n: usize) {
             .unwrap();
             p50s[i].push(ms(&hist, 0.5));
             p99s[i].push(ms(&hist, 0.99));
+            drop(fresh);
         }
     }
     let (off50, off99) = (median(&p50s[0]), median(&p99s[0]));
