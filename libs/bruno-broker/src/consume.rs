@@ -87,6 +87,8 @@ pub async fn consume<P: Processor>(
     shutdown: CancellationToken,
 ) {
     let queue = broker.topology().names.queue(&part);
+    // Named once: every message's consumer span carries it.
+    let span_queue: Arc<str> = Arc::from(queue.as_str());
     let Ok(queue_name) = ShortString::try_new(queue.clone()) else {
         error!(%queue, "queue name longer than 255 bytes; not consuming");
         return;
@@ -133,7 +135,7 @@ pub async fn consume<P: Processor>(
                 _ = shutdown.cancelled() => break true,
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        inflight.spawn(handle(broker.clone(), part.clone(), processor.clone(), delivery));
+                        inflight.spawn(handle(broker.clone(), part.clone(), span_queue.clone(), processor.clone(), delivery));
                     }
                     Some(Err(e)) => {
                         warn!(%part, error = %e, "consumer stream failed");
@@ -160,7 +162,13 @@ pub async fn consume<P: Processor>(
     }
 }
 
-async fn handle<P: Processor>(broker: Broker, part: String, processor: Arc<P>, delivery: Delivery) {
+async fn handle<P: Processor>(
+    broker: Broker,
+    part: String,
+    queue: Arc<str>,
+    processor: Arc<P>,
+    delivery: Delivery,
+) {
     let started = Instant::now();
     let attempts = header_u32(&delivery.properties, headers::ATTEMPTS).unwrap_or(0);
     let (disposition, span) = match codec::decode(&delivery.properties, &delivery.data) {
@@ -172,7 +180,6 @@ async fn handle<P: Processor>(broker: Broker, part: String, processor: Arc<P>, d
             info_span!("process", %part, invalid = true, otel.kind = "consumer"),
         ),
         Ok(event) => {
-            let queue = broker.topology().names.queue(&part);
             let span = crate::trace::process_span(&part, &queue, &event, attempts + 1);
             let delivered = Delivered {
                 attempts,
