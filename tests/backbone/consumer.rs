@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bruno_events::{AttributesReader, Event};
 use bruno_runtime::{Context, Handler, HandlerError, Incoming, Raw};
-use bruno_system_tests::{Attempts, Harness, Proxy, Recorder, amqp_addr, recv_n};
+use bruno_system_tests::{Attempts, BrokerKind, Harness, Proxy, Recorder, amqp_addr, recv_n};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -36,9 +36,10 @@ impl Handler for Flaky {
     }
 }
 
-#[tokio::test]
-async fn a_handler_failing_twice_is_retried_after_the_delays_without_blocking_others() {
-    let h = Harness::new(vec![doc_part("flaky")]).await;
+async fn a_handler_failing_twice_is_retried_after_the_delays_without_blocking_others(
+    kind: BrokerKind,
+) {
+    let h = Harness::on(kind, vec![doc_part("flaky")]).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let handler = Arc::new(Flaky {
         failures: 2,
@@ -194,9 +195,8 @@ impl Handler for Slow {
     }
 }
 
-#[tokio::test]
-async fn shutdown_finishes_in_flight_messages_and_acks_them() {
-    let h = Harness::new(vec![doc_part("slow")]).await;
+async fn shutdown_finishes_in_flight_messages_and_acks_them(kind: BrokerKind) {
+    let h = Harness::on(kind, vec![doc_part("slow")]).await;
     for i in 0..3 {
         h.broker
             .publish(&doc_event(&format!("s{i}")))
@@ -355,21 +355,23 @@ impl Handler for Lifecycle {
     }
 }
 
-#[tokio::test]
-async fn one_handler_takes_several_types_with_hooks_and_streamed_outputs() {
+async fn one_handler_takes_several_types_with_hooks_and_streamed_outputs(kind: BrokerKind) {
     use bruno_events::EventData;
     use bruno_events::payload::{ChatFailed, DocumentSubmitted, SearchRequested};
-    let h = Harness::new(vec![
-        bruno_broker::PartSpec::on_types(
-            "multi",
-            &[
-                DocumentSubmitted::TYPE,
-                ChatFailed::TYPE,
-                SearchRequested::TYPE,
-            ],
-        ),
-        bruno_broker::PartSpec::on_types("observer", &[ChatFailed::TYPE]),
-    ])
+    let h = Harness::on(
+        kind,
+        vec![
+            bruno_broker::PartSpec::on_types(
+                "multi",
+                &[
+                    DocumentSubmitted::TYPE,
+                    ChatFailed::TYPE,
+                    SearchRequested::TYPE,
+                ],
+            ),
+            bruno_broker::PartSpec::on_types("observer", &[ChatFailed::TYPE]),
+        ],
+    )
     .await;
     assert_eq!(
         <TwoKinds as bruno_runtime::FromEvent>::types(),
@@ -455,3 +457,9 @@ async fn one_handler_takes_several_types_with_hooks_and_streamed_outputs() {
     observer.await.unwrap();
     h.cleanup().await;
 }
+
+bruno_system_tests::on_both!(
+    a_handler_failing_twice_is_retried_after_the_delays_without_blocking_others,
+    shutdown_finishes_in_flight_messages_and_acks_them,
+    one_handler_takes_several_types_with_hooks_and_streamed_outputs
+);

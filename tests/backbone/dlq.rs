@@ -8,7 +8,7 @@ use std::time::Duration;
 use bruno_broker::{dlq, headers};
 use bruno_events::{AttributesReader, Event, EventData, payload::DocumentSubmitted};
 use bruno_runtime::{Context, Handler, HandlerError, Incoming};
-use bruno_system_tests::{Harness, recv_n};
+use bruno_system_tests::{BrokerKind, Harness, recv_n};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -40,9 +40,8 @@ impl Handler for Picky {
     }
 }
 
-#[tokio::test]
-async fn permanent_and_exhausted_failures_are_dead_lettered_then_replayed() {
-    let h = Harness::new(vec![doc_part("picky")]).await;
+async fn permanent_and_exhausted_failures_are_dead_lettered_then_replayed(kind: BrokerKind) {
+    let h = Harness::on(kind, vec![doc_part("picky")]).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let handler = Arc::new(Picky {
         broken: AtomicBool::new(true),
@@ -169,10 +168,14 @@ async fn permanent_and_exhausted_failures_are_dead_lettered_then_replayed() {
     h.cleanup().await;
 }
 
-#[tokio::test]
-async fn dlq_tools_refuse_unknown_parts() {
-    let h = Harness::new(vec![doc_part("known")]).await;
+async fn dlq_tools_refuse_unknown_parts(kind: BrokerKind) {
+    let h = Harness::on(kind, vec![doc_part("known")]).await;
     let err = dlq::list(&h.broker, "nope", 10).await.unwrap_err();
     assert!(err.to_string().contains("unknown part"), "{err}");
     h.cleanup().await;
 }
+
+bruno_system_tests::on_both!(
+    permanent_and_exhausted_failures_are_dead_lettered_then_replayed,
+    dlq_tools_refuse_unknown_parts
+);

@@ -1,6 +1,8 @@
-//! System tests of the event backbone against the real RabbitMQ.
+//! System tests of the event backbone: on the real RabbitMQ, and the
+//! broker conformance tests (`on_both!`) on the embedded broker as well.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod conformance;
 mod consumer;
 mod dlq;
 mod ingress;

@@ -15,7 +15,7 @@ use crate::{doc_event, doc_part};
 async fn amqps_works_with_the_configured_ca_and_is_refused_without_it() {
     let (node, ca) = PrivateBroker::start_tls().await;
     let mut config = test_config();
-    config.url = Secret::new(node.tls_url());
+    config.url = Some(Secret::new(node.tls_url()));
     let topology = || Topology::new(&config, vec![doc_part("tls")]);
 
     // The public web roots do not know the test CA: no session.

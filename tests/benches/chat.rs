@@ -336,7 +336,65 @@ async fn main() {
     let _ = fleet.await;
     h.cleanup().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    broker_cost(dir.path(), &url, env_or("BENCH_BROKER_TURNS", 300)).await;
     tracing_cost(dir.path(), &url, env_or("BENCH_TRACE_TURNS", 300)).await;
+}
+
+/// A fresh copy of the seeded store in `dir` (a fleet's turns grow its
+/// conversations table).
+fn copy_of(dir: &std::path::Path) -> tempfile::TempDir {
+    let fresh = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", dir.display()))
+        .arg(fresh.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "copying the store");
+    fresh
+}
+
+/// One-session turns through a fresh fleet on RabbitMQ and on the
+/// embedded broker (journaled, as `bruno dev` runs it), interleaved over
+/// `BENCH_BROKER_ROUNDS` rounds on fresh copies of the store; medians per
+/// broker, and the overhead over the LLM's own time.
+async fn broker_cost(dir: &std::path::Path, url: &str, n: usize) {
+    use bruno_system_tests::{BrokerKind, median, spawn_fleet};
+    let kinds = [BrokerKind::RabbitMq, BrokerKind::Embedded];
+    let rounds = env_or("BENCH_BROKER_ROUNDS", 3);
+    let mut p50s = vec![Vec::new(); kinds.len()];
+    let mut p99s = vec![Vec::new(); kinds.len()];
+    for round in 0..rounds {
+        for offset in 0..kinds.len() {
+            let i = (round + offset) % kinds.len();
+            let fresh = copy_of(dir);
+            let h = Harness::on(kinds[i], bruno_cli::registry::part_specs()).await;
+            let shutdown = CancellationToken::new();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let config = fleet_config(&h.config, fresh.path(), url);
+            let task = spawn_fleet(&h, config, &PARTS, shutdown.clone(), Some(tx));
+            let gateway = rx.await.unwrap().gateway.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            turns(gateway, 1, 30).await; // warm-up
+            let hist = turns(gateway, 1, n).await;
+            shutdown.cancel();
+            let _ = task.await;
+            h.cleanup().await;
+            p50s[i].push(ms(&hist, 0.5));
+            p99s[i].push(ms(&hist, 0.99));
+        }
+    }
+    let (rabbit50, rabbit99) = (median(&p50s[0]), median(&p99s[0]));
+    for (i, kind) in kinds.iter().enumerate() {
+        println!(
+            "broker: {:9} 1 session, {n} turns: median p50 {:.2} ms ({:+.2} ms vs RabbitMQ), median p99 {:.2} ms ({:+.2} ms); the LLM stub answers in ~0.1 ms",
+            format!("{kind:?}"),
+            median(&p50s[i]),
+            median(&p50s[i]) - rabbit50,
+            median(&p99s[i]),
+            median(&p99s[i]) - rabbit99,
+        );
+    }
 }
 
 const PARTS: [&str; 5] = ["embedder", "writer", "retriever", "generator", "gateway"];
@@ -379,14 +437,7 @@ async fn tracing_cost(dir: &std::path::Path, url: &str, n: usize) {
         // mode always runs on a warmer or busier machine.
         for offset in 0..modes.len() {
             let i = (round + offset) % modes.len();
-            let fresh = tempfile::tempdir().unwrap();
-            let status = std::process::Command::new("cp")
-                .arg("-r")
-                .arg(format!("{}/.", dir.display()))
-                .arg(fresh.path())
-                .status()
-                .unwrap();
-            assert!(status.success(), "copying the store");
+            let fresh = copy_of(dir);
             let (url, mode) = (url.to_owned(), modes[i].clone());
             let run_dir = fresh.path().to_owned();
             let hist = tokio::task::spawn_blocking(move || {

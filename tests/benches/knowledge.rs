@@ -269,7 +269,24 @@ async fn search_bench(h: &Harness, model: &MiniLm) {
         with_embed.record(s.elapsed().as_micros() as u64).unwrap();
     }
     let (stop, _) = start(config(h, dir.path()), &["retriever"]).await;
-    let ask = |t: &String| {
+    // The same retriever on the embedded broker, asked in turn with it.
+    let embedded = Harness::on(
+        bruno_system_tests::BrokerKind::Embedded,
+        bruno_cli::registry::part_specs(),
+    )
+    .await;
+    let stop_embedded = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _embedded_fleet = bruno_system_tests::spawn_fleet(
+        &embedded,
+        config(&embedded, dir.path()),
+        &["retriever"],
+        stop_embedded.clone(),
+        Some(tx),
+    );
+    rx.await.unwrap();
+    let mut on_embedded = Histogram::<u64>::new(3).unwrap();
+    let ask_on = |broker: &bruno_broker::Broker, t: &String| {
         let request = new_event(
             "bench",
             &SearchRequested {
@@ -278,22 +295,32 @@ async fn search_bench(h: &Harness, model: &MiniLm) {
                 filters: SearchFilters::default(),
             },
         );
-        bruno_broker::reply::request(
-            &h.broker,
-            request,
-            &[SearchCompleted::TYPE],
-            Duration::from_secs(30),
-        )
+        let broker = broker.clone();
+        async move {
+            bruno_broker::reply::request(
+                &broker,
+                request,
+                &[SearchCompleted::TYPE],
+                Duration::from_secs(30),
+            )
+            .await
+        }
     };
+    let ask = |t: &String| ask_on(&h.broker, t);
     for t in texts.iter().take(10) {
         ask(t).await.unwrap(); // warm-up
+        ask_on(&embedded.broker, t).await.unwrap();
     }
     for t in &texts {
         let s = Instant::now();
         ask(t).await.unwrap();
         service.record(s.elapsed().as_micros() as u64).unwrap();
+        let s = Instant::now();
+        ask_on(&embedded.broker, t).await.unwrap();
+        on_embedded.record(s.elapsed().as_micros() as u64).unwrap();
     }
     stop.cancel();
+    stop_embedded.cancel();
     println!(
         "search at {n} chunks, k=5, {queries} queries:\n  in-process LanceDB hybrid query (baseline): p50 {:.2} ms  p99 {:.2} ms\n  in-process embed + query:                   p50 {:.2} ms  p99 {:.2} ms\n  through broker + retriever (request/reply): p50 {:.2} ms  p99 {:.2} ms  ({:.2}x embed+query p50) — goal p50 <= 20, p99 <= 50, <= 1.2x",
         ms(&store_only, 0.5),
@@ -303,6 +330,14 @@ async fn search_bench(h: &Harness, model: &MiniLm) {
         ms(&service, 0.5),
         ms(&service, 0.99),
         ms(&service, 0.5) / ms(&with_embed, 0.5)
+    );
+    println!(
+        "  through the embedded broker + retriever:    p50 {:.2} ms  p99 {:.2} ms  ({:.2}x embed+query p50); RabbitMQ's network broker costs {:+.2} ms p50, {:+.2} ms p99",
+        ms(&on_embedded, 0.5),
+        ms(&on_embedded, 0.99),
+        ms(&on_embedded, 0.5) / ms(&with_embed, 0.5),
+        ms(&service, 0.5) - ms(&on_embedded, 0.5),
+        ms(&service, 0.99) - ms(&on_embedded, 0.99),
     );
 }
 

@@ -57,7 +57,7 @@ pub fn init_logs() {
 pub fn test_config() -> BrokerConfig {
     let id = uuid::Uuid::new_v4().simple().to_string();
     BrokerConfig {
-        url: Secret::new(amqp_url(&amqp_addr())),
+        url: Some(Secret::new(amqp_url(&amqp_addr()))),
         prefix: format!("t{}.", &id[..12]),
         retry_delays_ms: vec![300, 600],
         max_attempts: 3,
@@ -71,6 +71,57 @@ pub fn test_config() -> BrokerConfig {
     }
 }
 
+/// Run each named `async fn(BrokerKind)` as two tests, `<name>::rabbitmq`
+/// and `<name>::embedded`: one test code, both brokers.
+#[macro_export]
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn rabbitmq() {
+                    super::$name($crate::BrokerKind::RabbitMq).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    super::$name($crate::BrokerKind::Embedded).await
+                }
+            }
+        )*
+    };
+}
+
+/// Run the named parts in this process until `shutdown`: on RabbitMQ
+/// through `config.broker` (a connection of their own), on the embedded
+/// broker on the harness's broker itself.
+pub fn spawn_fleet(
+    h: &Harness,
+    config: bruno_cli::Config,
+    names: &[&str],
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<bruno_cli::Bound>>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    match h.kind {
+        BrokerKind::RabbitMq => tokio::spawn(bruno_cli::run_parts(config, names, shutdown, ready)),
+        BrokerKind::Embedded => tokio::spawn(bruno_cli::run_parts_on(
+            config,
+            names,
+            h.broker.clone(),
+            shutdown,
+            ready,
+        )),
+    }
+}
+
+/// Which broker a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// The real RabbitMQ (`BRUNO_TEST_AMQP_HOST`).
+    RabbitMq,
+    /// The embedded broker, journaled to a temp dir (ADR 14).
+    Embedded,
+}
+
 /// One test's corner of the broker.
 pub struct Harness {
     /// Its config (unique prefix).
@@ -79,10 +130,91 @@ pub struct Harness {
     pub topology: Topology,
     /// A connected broker.
     pub broker: Broker,
+    /// Which broker it is.
+    pub kind: BrokerKind,
     cancel: CancellationToken,
+    /// The embedded broker's journal directory.
+    pub dir: Option<tempfile::TempDir>,
 }
 
 impl Harness {
+    /// Declare `parts` on a broker of `kind` under a fresh prefix.
+    pub async fn on(kind: BrokerKind, parts: Vec<PartSpec>) -> Self {
+        Self::on_config(kind, test_config(), parts).await
+    }
+
+    /// Same, with a given config.
+    pub async fn on_config(kind: BrokerKind, config: BrokerConfig, parts: Vec<PartSpec>) -> Self {
+        let topology = Topology::new(&config, parts);
+        Self::on_topology(kind, config, topology).await
+    }
+
+    /// Same, with a given topology (built from `config`).
+    pub async fn on_topology(kind: BrokerKind, config: BrokerConfig, topology: Topology) -> Self {
+        match kind {
+            BrokerKind::RabbitMq => Self::with_topology(config, topology).await,
+            BrokerKind::Embedded => Self::embedded(config, topology).await,
+        }
+    }
+
+    /// The embedded broker with `topology`, journaled to a fresh temp dir.
+    pub async fn embedded(config: BrokerConfig, topology: Topology) -> Self {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let journal = bruno_broker::embedded::Journal::open(dir.path(), 1 << 20).unwrap();
+        let cancel = CancellationToken::new();
+        let broker = Broker::embedded(
+            config.clone(),
+            topology.clone(),
+            "test",
+            BrokerMetrics::default(),
+            cancel.clone(),
+            Some(journal),
+        );
+        Self {
+            config,
+            topology,
+            broker,
+            kind: BrokerKind::Embedded,
+            cancel,
+            dir: Some(dir),
+        }
+    }
+
+    /// A broker handle whose consumers a test may kill: a second connection
+    /// on RabbitMQ (cancel it to close it), the same broker when embedded
+    /// (aborting a consumer's task drops what it held).
+    pub async fn doomed(&self) -> (Broker, CancellationToken) {
+        match self.kind {
+            BrokerKind::RabbitMq => self.second_broker(None).await,
+            BrokerKind::Embedded => (self.broker.clone(), CancellationToken::new()),
+        }
+    }
+
+    /// Take (and ack) every message of a queue, on either broker; waits up
+    /// to `settle` for stragglers after the queue looks empty.
+    pub async fn take(
+        &self,
+        queue: &str,
+        settle: Duration,
+    ) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
+        let Some(embedded) = self.broker.as_embedded() else {
+            return self
+                .drain(queue, settle)
+                .await
+                .into_iter()
+                .map(|d| (d.properties, d.data))
+                .collect();
+        };
+        let consumer = embedded.consume(queue, u16::MAX).unwrap();
+        let mut out = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout(settle, consumer.next()).await {
+            out.push((d.properties.clone(), d.data.to_vec()));
+            d.handle.ack();
+        }
+        out
+    }
+
     /// Declare `parts` under a fresh prefix and connect.
     pub async fn new(parts: Vec<PartSpec>) -> Self {
         Self::with_config(test_config(), parts).await
@@ -113,7 +245,9 @@ impl Harness {
             config,
             topology,
             broker,
+            kind: BrokerKind::RabbitMq,
             cancel,
+            dir: None,
         }
     }
 
@@ -121,7 +255,7 @@ impl Harness {
     pub async fn second_broker(&self, addr: Option<&str>) -> (Broker, CancellationToken) {
         let mut config = self.config.clone();
         if let Some(addr) = addr {
-            config.url = Secret::new(amqp_url(addr));
+            config.url = Some(Secret::new(amqp_url(addr)));
         }
         let cancel = CancellationToken::new();
         let broker = Broker::start(
@@ -145,13 +279,19 @@ impl Harness {
 
     /// A raw lapin connection for inspection.
     pub async fn raw(&self) -> Connection {
-        Connection::connect(self.config.url.expose(), ConnectionProperties::default())
-            .await
-            .unwrap()
+        Connection::connect(
+            self.config.url.as_ref().unwrap().expose(),
+            ConnectionProperties::default(),
+        )
+        .await
+        .unwrap()
     }
 
     /// Messages ready in a queue.
     pub async fn depth(&self, queue: &str) -> u32 {
+        if let Some(embedded) = self.broker.as_embedded() {
+            return embedded.depth(queue).expect("no such queue").0;
+        }
         let conn = self.raw().await;
         let ch = conn.create_channel().await.unwrap();
         let q = ch
@@ -214,6 +354,10 @@ impl Harness {
 
     /// Delete everything this test declared and close the connection.
     pub async fn cleanup(self) {
+        if self.kind == BrokerKind::Embedded {
+            self.cancel.cancel();
+            return;
+        }
         let conn = self.raw().await;
         let ch = conn.create_channel().await.unwrap();
         // Best effort: a test may have deleted some already.
@@ -710,7 +854,10 @@ pub fn backup_config(dir: &std::path::Path) -> bruno_backup::BackupConfig {
 /// `config` as the `BRUNO_BROKER__*` variables a `bruno` child process reads.
 pub fn broker_env(config: &BrokerConfig) -> Vec<(&'static str, String)> {
     vec![
-        ("BRUNO_BROKER__URL", config.url.expose().to_owned()),
+        (
+            "BRUNO_BROKER__URL",
+            config.url.as_ref().unwrap().expose().to_owned(),
+        ),
         ("BRUNO_BROKER__PREFIX", config.prefix.clone()),
         (
             "BRUNO_BROKER__RETRY_DELAYS_MS",
@@ -961,9 +1108,17 @@ pub struct PartProcess {
 impl PartProcess {
     /// Start `bin <part>` with `env`.
     pub fn spawn(bin: &std::path::Path, part: &str, env: &[(String, String)]) -> Self {
+        Self::spawn_args(bin, &[part], env)
+    }
+
+    /// Start `bin <args…>` with `env` (and no `BRUNO_BROKER__URL` from the
+    /// test's own environment unless `env` sets it).
+    pub fn spawn_args(bin: &std::path::Path, args: &[&str], env: &[(String, String)]) -> Self {
         use tokio::io::AsyncBufReadExt;
+        let part = args.first().copied().unwrap_or_default();
         let mut child = tokio::process::Command::new(bin)
-            .arg(part)
+            .args(args)
+            .env_remove("BRUNO_BROKER__URL")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())

@@ -8,7 +8,18 @@ use serde::Deserialize;
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
     /// AMQP URI, credentials included (hence secret). `amqps://` for TLS.
-    pub url: Secret,
+    /// Unset: `bruno dev` runs the embedded broker (ADR 14); every other
+    /// process that needs a broker refuses to start without it.
+    pub url: Option<Secret>,
+    /// The embedded broker's directory: its journal and the endpoint file
+    /// one-shot commands find it by.
+    pub embedded_dir: std::path::PathBuf,
+    /// Journal the embedded broker's messages so a restart loses none.
+    pub embedded_journal: bool,
+    /// Where the embedded broker serves one-shot commands (loopback).
+    pub embedded_listen: std::net::SocketAddr,
+    /// Journal size past which it is rewritten with only live messages.
+    pub embedded_compact_bytes: u64,
     /// PEM file of the CA(s) that signed the broker's certificate, for
     /// `amqps://` to a broker with a private CA (else the public web roots).
     pub ca_file: Option<std::path::PathBuf>,
@@ -44,7 +55,11 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
-            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"),
+            url: None,
+            embedded_dir: "./data/broker".into(),
+            embedded_journal: true,
+            embedded_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            embedded_compact_bytes: 64 << 20,
             ca_file: None,
             prefix: String::new(),
             delivery_limit: 10,
@@ -64,6 +79,9 @@ impl Default for BrokerConfig {
 }
 
 impl BrokerConfig {
+    /// The AMQP URL to RabbitMQ on this machine's default port (tools and tests).
+    pub const LOCAL_RABBITMQ: &str = "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10";
+
     /// The retry delay tiers.
     pub fn retry_delays(&self) -> Vec<Duration> {
         self.retry_delays_ms

@@ -82,9 +82,22 @@ struct Inner {
     config: BrokerConfig,
     topology: Topology,
     connection_name: String,
+    /// AMQP only: the live session, if any (never set on the others).
     session: watch::Sender<Option<Arc<Session>>>,
+    transport: Transport,
     cancel: CancellationToken,
     metrics: BrokerMetrics,
+}
+
+/// Which broker a [`Broker`] handle talks to.
+pub(crate) enum Transport {
+    /// RabbitMQ over AMQP 0-9-1.
+    Amqp,
+    /// The in-process broker (`bruno dev` without `broker.url`).
+    Embedded(Arc<crate::embedded::Embedded>),
+    /// Another process's embedded broker, over its local HTTP endpoint
+    /// (one-shot commands next to a `bruno dev`).
+    Remote(crate::remote::Client),
 }
 
 /// Handle to the supervised broker connection; cheap to clone.
@@ -113,30 +126,138 @@ impl Broker {
         metrics: BrokerMetrics,
         cancel: CancellationToken,
     ) -> Self {
-        let (session, _) = watch::channel(None);
-        let inner = Arc::new(Inner {
+        let broker = Self::with_transport(
             config,
             topology,
-            connection_name: connection_name.into(),
-            session,
-            cancel,
+            connection_name.into(),
             metrics,
-        });
-        tokio::spawn(supervise(inner.clone()));
-        Self { inner }
+            cancel,
+            Transport::Amqp,
+        );
+        tokio::spawn(supervise(broker.inner.clone()));
+        broker
+    }
+
+    /// The embedded broker (ADR 14) with this topology declared, restoring
+    /// the messages `journal` kept. Always connected.
+    pub fn embedded(
+        config: BrokerConfig,
+        topology: Topology,
+        connection_name: impl Into<String>,
+        metrics: BrokerMetrics,
+        cancel: CancellationToken,
+        journal: Option<(
+            crate::embedded::Journal,
+            Vec<crate::embedded::journal::Record>,
+        )>,
+    ) -> Self {
+        let embedded = crate::embedded::Embedded::start(&topology, journal);
+        metrics.connected.set(1);
+        Self::with_transport(
+            config,
+            topology,
+            connection_name.into(),
+            metrics,
+            cancel,
+            Transport::Embedded(embedded),
+        )
+    }
+
+    /// A handle on another process's embedded broker, served at `url` with
+    /// bearer `token` (see [`crate::remote`]). For one-shot commands.
+    pub fn remote(
+        config: BrokerConfig,
+        topology: Topology,
+        url: &str,
+        token: bruno_core::Secret,
+        cancel: CancellationToken,
+    ) -> Self {
+        let client = crate::remote::Client::new(url, token);
+        Self::with_transport(
+            config,
+            topology,
+            "bruno-cli".into(),
+            BrokerMetrics::default(),
+            cancel,
+            Transport::Remote(client),
+        )
+    }
+
+    fn with_transport(
+        config: BrokerConfig,
+        topology: Topology,
+        connection_name: String,
+        metrics: BrokerMetrics,
+        cancel: CancellationToken,
+        transport: Transport,
+    ) -> Self {
+        let (session, _) = watch::channel(None);
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                topology,
+                connection_name,
+                session,
+                transport,
+                cancel,
+                metrics,
+            }),
+        }
+    }
+
+    pub(crate) fn transport(&self) -> &Transport {
+        &self.inner.transport
+    }
+
+    /// The in-process embedded broker, when this handle is one.
+    pub fn as_embedded(&self) -> Option<&Arc<crate::embedded::Embedded>> {
+        match &self.inner.transport {
+            Transport::Embedded(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Which broker this is: `rabbitmq`, `embedded` or `embedded-remote`.
+    pub fn kind(&self) -> &'static str {
+        match &self.inner.transport {
+            Transport::Amqp => "rabbitmq",
+            Transport::Embedded(_) => "embedded",
+            Transport::Remote(_) => "embedded-remote",
+        }
     }
 
     /// True while a connection with declared topology is up.
     pub fn is_connected(&self) -> bool {
-        self.inner.session.borrow().is_some()
+        match &self.inner.transport {
+            Transport::Amqp => self.inner.session.borrow().is_some(),
+            Transport::Embedded(_) | Transport::Remote(_) => true,
+        }
     }
 
     /// Wait until connected, at most `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let mut rx = self.inner.session.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
-            .await
-            .is_ok()
+        match &self.inner.transport {
+            Transport::Amqp => {
+                let mut rx = self.inner.session.subscribe();
+                tokio::time::timeout(timeout, rx.wait_for(Option::is_some))
+                    .await
+                    .is_ok()
+            }
+            Transport::Embedded(_) => true,
+            Transport::Remote(c) => tokio::time::timeout(timeout, c.ping())
+                .await
+                .is_ok_and(|r| r.is_ok()),
+        }
+    }
+
+    /// Wait until every journaled effect so far is on disk (embedded broker
+    /// with a journal); at once otherwise.
+    pub async fn sync(&self) {
+        if let Transport::Embedded(e) = &self.inner.transport
+            && let Err(e) = e.sync().await
+        {
+            warn!(error = %e, "broker journal sync failed");
+        }
     }
 
     /// The topology this broker declared.
@@ -226,7 +347,7 @@ impl Broker {
             .await
     }
 
-    async fn publish_many(
+    pub(crate) async fn publish_many(
         &self,
         exchange: &str,
         routing_key: &str,
@@ -236,6 +357,68 @@ impl Broker {
             return Ok(());
         }
         let metrics = &self.inner.metrics;
+        match &self.inner.transport {
+            Transport::Amqp => {}
+            Transport::Embedded(embedded) => {
+                let mut confirms = Vec::with_capacity(messages.len());
+                let mut refused = None;
+                for (props, body) in messages {
+                    match embedded.publish(exchange, routing_key, props, Arc::from(body)) {
+                        Ok(c) => confirms.push(c),
+                        Err(e) => {
+                            refused = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let timeout = self.inner.config.publish_timeout();
+                let waited = tokio::time::timeout(timeout, async {
+                    for c in confirms {
+                        c.wait().await?;
+                    }
+                    Ok(())
+                })
+                .await;
+                let outcome = match (refused, waited) {
+                    (Some(e), _) | (None, Ok(Err(e))) => Err(e),
+                    (None, Ok(Ok(()))) => Ok(()),
+                    (None, Err(_)) => {
+                        metrics.publish("timeout");
+                        return Err(PublishError::Timeout(timeout));
+                    }
+                };
+                return match outcome {
+                    Ok(()) => {
+                        metrics.publish("confirmed");
+                        Ok(())
+                    }
+                    Err(crate::embedded::Refused::NoRoute(q)) => {
+                        metrics.publish("returned");
+                        Err(PublishError::Returned(format!("NO_ROUTE {q}")))
+                    }
+                    Err(e @ crate::embedded::Refused::Journal(_)) => {
+                        metrics.publish("nacked");
+                        warn!(error = %e, "embedded broker refused a publish");
+                        Err(PublishError::Nacked)
+                    }
+                };
+            }
+            Transport::Remote(client) => {
+                let n = messages.len();
+                let result = client.publish(exchange, routing_key, messages).await;
+                let label = match &result {
+                    Ok(()) => "confirmed",
+                    Err(PublishError::Returned(_)) => "returned",
+                    Err(PublishError::Nacked) => "nacked",
+                    Err(PublishError::Timeout(_)) => "timeout",
+                    Err(_) => "unavailable",
+                };
+                for _ in 0..n {
+                    metrics.publish(label);
+                }
+                return result;
+            }
+        }
         let Some(session) = self.current() else {
             metrics.publish("unavailable");
             return Err(PublishError::Unavailable("not connected".into()));
@@ -326,13 +509,14 @@ async fn open(inner: &Inner) -> Result<(Session, BoxStream<'static, lapin::Event
         },
         None => lapin::tcp::OwnedTLSConfig::default(),
     };
-    let connection = Connection::connect_with_config(
-        inner.config.url.expose(),
-        props,
-        tls,
-        lapin::runtime::default_runtime()?,
-    )
-    .await?;
+    let url = inner
+        .config
+        .url
+        .as_ref()
+        .map_or(crate::BrokerConfig::LOCAL_RABBITMQ, |u| u.expose());
+    let connection =
+        Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?)
+            .await?;
     let events = connection.events_listener().boxed();
     let setup = connection.create_channel().await?;
     inner.topology.declare(&setup).await?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bruno_events::Event;
 use futures_util::{FutureExt, StreamExt};
-use lapin::message::Delivery;
+use lapin::BasicProperties;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
@@ -20,7 +20,88 @@ use tracing::{Instrument, error, info, info_span, warn};
 use bruno_core::ErrorCode;
 
 use crate::codec::{self, header_u32};
+use crate::connection::Transport;
 use crate::{Broker, headers};
+
+/// A message taken from a part's queue, on either broker.
+pub(crate) struct Taken {
+    properties: BasicProperties,
+    data: Data,
+    redelivered: bool,
+    settle: Settle,
+}
+
+enum Data {
+    Amqp(Vec<u8>),
+    Embedded(crate::embedded::Body),
+}
+
+impl std::ops::Deref for Data {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Amqp(v) => v,
+            Self::Embedded(b) => b,
+        }
+    }
+}
+
+enum Settle {
+    /// The delivery (its data taken out), for its acker.
+    Amqp(Box<lapin::message::Delivery>),
+    Embedded(Box<crate::embedded::Unsettled>),
+}
+
+impl Settle {
+    async fn ack(self) {
+        match self {
+            Self::Amqp(delivery) => {
+                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                    // The effects are confirmed; the broker will redeliver and the
+                    // handler sees the same event again (idempotent by (source, id)).
+                    warn!(error = %e, "ack failed after confirmed publish");
+                }
+            }
+            Self::Embedded(u) => (*u).ack(),
+        }
+    }
+
+    async fn requeue(self) {
+        match self {
+            Self::Amqp(delivery) => {
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Self::Embedded(u) => (*u).requeue(),
+        }
+    }
+}
+
+impl From<lapin::message::Delivery> for Taken {
+    fn from(mut d: lapin::message::Delivery) -> Self {
+        Self {
+            properties: d.properties.clone(),
+            data: Data::Amqp(std::mem::take(&mut d.data)),
+            redelivered: d.redelivered,
+            settle: Settle::Amqp(Box::new(d)),
+        }
+    }
+}
+
+impl From<crate::embedded::Delivery> for Taken {
+    fn from(d: crate::embedded::Delivery) -> Self {
+        Self {
+            properties: d.properties,
+            data: Data::Embedded(d.data),
+            redelivered: d.redelivered,
+            settle: Settle::Embedded(Box::new(d.handle)),
+        }
+    }
+}
 
 /// What to do with a consumed message.
 #[derive(Debug)]
@@ -89,6 +170,41 @@ pub async fn consume<P: Processor>(
     let queue = broker.topology().names.queue(&part);
     // Named once: every message's consumer span carries it.
     let span_queue: Arc<str> = Arc::from(queue.as_str());
+    match broker.transport() {
+        Transport::Amqp => {}
+        Transport::Embedded(embedded) => {
+            let consumer = match embedded.consume(&queue, prefetch) {
+                Ok(c) => c,
+                Err(e) => {
+                    error!(%part, error = %e, "not consuming");
+                    return;
+                }
+            };
+            info!(%part, %queue, prefetch, broker = "embedded", "consuming");
+            let mut inflight = JoinSet::new();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    next = consumer.next() => match next {
+                        Some(d) => {
+                            inflight.spawn(handle(broker.clone(), part.clone(), span_queue.clone(), processor.clone(), d.into()));
+                        }
+                        None => break,
+                    },
+                    Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+                }
+            }
+            let n = inflight.len();
+            while inflight.join_next().await.is_some() {}
+            drop(consumer);
+            info!(%part, drained = n, "consumer stopped");
+            return;
+        }
+        Transport::Remote(_) => {
+            error!(%part, "parts cannot consume through another process's embedded broker; set broker.url");
+            return;
+        }
+    }
     let Ok(queue_name) = ShortString::try_new(queue.clone()) else {
         error!(%queue, "queue name longer than 255 bytes; not consuming");
         return;
@@ -135,7 +251,7 @@ pub async fn consume<P: Processor>(
                 _ = shutdown.cancelled() => break true,
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        inflight.spawn(handle(broker.clone(), part.clone(), span_queue.clone(), processor.clone(), delivery));
+                        inflight.spawn(handle(broker.clone(), part.clone(), span_queue.clone(), processor.clone(), delivery.into()));
                     }
                     Some(Err(e)) => {
                         warn!(%part, error = %e, "consumer stream failed");
@@ -167,7 +283,7 @@ async fn handle<P: Processor>(
     part: String,
     queue: Arc<str>,
     processor: Arc<P>,
-    delivery: Delivery,
+    delivery: Taken,
 ) {
     let started = Instant::now();
     let attempts = header_u32(&delivery.properties, headers::ATTEMPTS).unwrap_or(0);
@@ -197,7 +313,7 @@ async fn handle<P: Processor>(
         }
     };
     async {
-        let outcome = settle(&broker, &part, &delivery, attempts, disposition).await;
+        let outcome = settle(&broker, &part, delivery, attempts, disposition).await;
         if outcome != "ack" {
             crate::trace::failed(&tracing::Span::current());
         }
@@ -216,7 +332,7 @@ async fn handle<P: Processor>(
 async fn settle(
     broker: &Broker,
     part: &str,
-    delivery: &Delivery,
+    delivery: Taken,
     attempts: u32,
     disposition: Disposition,
 ) -> &'static str {
@@ -229,7 +345,7 @@ async fn settle(
             match broker.topology().retry_queue(part, failures) {
                 Some(queue) if failures < max => {
                     warn!(%code, %reason, failures, "retrying later");
-                    let props = with_error_headers(delivery, part, code, &reason, failures);
+                    let props = with_error_headers(&delivery, part, code, &reason, failures);
                     broker
                         .publish_raw("", &queue, props, &delivery.data)
                         .await
@@ -238,7 +354,7 @@ async fn settle(
                 _ => {
                     let reason = format!("gave up after {failures} attempts: {reason}");
                     error!(%code, %reason, "dead-lettering");
-                    let props = with_error_headers(delivery, part, code, &reason, failures);
+                    let props = with_error_headers(&delivery, part, code, &reason, failures);
                     broker
                         .publish_raw("", &names.dlq(part), props, &delivery.data)
                         .await
@@ -248,7 +364,7 @@ async fn settle(
         }
         Disposition::DeadLetter { code, reason } => {
             error!(%code, %reason, "dead-lettering");
-            let props = with_error_headers(delivery, part, code, &reason, attempts + 1);
+            let props = with_error_headers(&delivery, part, code, &reason, attempts + 1);
             broker
                 .publish_raw("", &names.dlq(part), props, &delivery.data)
                 .await
@@ -257,28 +373,19 @@ async fn settle(
     };
     match published {
         Ok(outcome) => {
-            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                // The effects are confirmed; the broker will redeliver and the
-                // handler sees the same event again (idempotent by (source, id)).
-                warn!(error = %e, "ack failed after confirmed publish");
-            }
+            delivery.settle.ack().await;
             outcome
         }
         Err(e) => {
             warn!(error = %e, "publish failed; requeueing the message");
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            delivery.settle.requeue().await;
             "requeue"
         }
     }
 }
 
 fn with_error_headers(
-    delivery: &Delivery,
+    delivery: &Taken,
     part: &str,
     code: ErrorCode,
     reason: &str,

@@ -14,10 +14,11 @@ use lapin::{BasicProperties, Channel};
 use serde::Serialize;
 
 use crate::codec::{header_str, header_u32};
+use crate::connection::Transport;
 use crate::{Broker, PublishError, headers};
 
 /// A dead letter as the CLI shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DeadLetter {
     /// CloudEvent id (or AMQP message id).
     pub id: String,
@@ -43,7 +44,7 @@ pub struct DeadLetter {
 }
 
 /// Which dead letters a replay takes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Filter {
     /// Only this event id.
     pub id: Option<String>,
@@ -54,7 +55,7 @@ pub struct Filter {
 }
 
 /// What a replay did.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ReplayReport {
     /// Dead letters put back on the part's queue.
     pub replayed: u64,
@@ -74,6 +75,9 @@ pub enum DlqError {
     /// The part is not in the topology.
     #[error("unknown part {0:?}")]
     UnknownPart(String),
+    /// The embedded broker refused.
+    #[error("embedded broker: {0}")]
+    Embedded(String),
 }
 
 fn render(value: &AMQPValue) -> String {
@@ -152,6 +156,16 @@ async fn get(
 /// Up to `limit` dead letters of a part, oldest first; none are removed.
 pub async fn list(broker: &Broker, part: &str, limit: usize) -> Result<Vec<DeadLetter>, DlqError> {
     let queue = dlq_name(broker, part)?;
+    match broker.transport() {
+        Transport::Amqp => {}
+        Transport::Embedded(e) => {
+            let letters = e
+                .browse(queue.as_str(), limit)
+                .ok_or_else(|| DlqError::UnknownPart(part.to_owned()))?;
+            return Ok(letters.iter().map(|(p, b)| describe(p, b)).collect());
+        }
+        Transport::Remote(c) => return c.dlq_list(part, limit).await,
+    }
     let channel = broker.open_channel().await?;
     let mut out = Vec::new();
     while out.len() < limit {
@@ -184,6 +198,19 @@ pub async fn replay(
 ) -> Result<ReplayReport, DlqError> {
     let queue = dlq_name(broker, part)?;
     let target = broker.topology().names.queue(part);
+    match broker.transport() {
+        Transport::Amqp => {}
+        Transport::Embedded(e) => {
+            let (replayed, kept) = e
+                .move_where(queue.as_str(), &target, |props, body| {
+                    matches(filter, &describe(props, body)).then(|| replay_props(props))
+                })
+                .await
+                .map_err(|e| DlqError::Embedded(e.to_string()))?;
+            return Ok(ReplayReport { replayed, kept });
+        }
+        Transport::Remote(c) => return c.dlq_replay(part, filter).await,
+    }
     let channel = broker.open_channel().await?;
     let mut report = ReplayReport::default();
     while let Some(delivery) = get(&channel, &queue).await? {
@@ -192,27 +219,7 @@ pub async fn replay(
             report.kept += 1;
             continue;
         }
-        let mut h = delivery.properties.headers().clone().unwrap_or_default();
-        let cleared: Vec<ShortString> = h
-            .inner()
-            .keys()
-            .filter(|k| {
-                k.as_str().starts_with("x-bruno-")
-                    || k.as_str().starts_with("x-death")
-                    || k.as_str().starts_with("x-first-death")
-                    || k.as_str().starts_with("x-last-death")
-            })
-            .cloned()
-            .collect();
-        let mut fresh = lapin::types::FieldTable::default();
-        for (k, v) in h.inner() {
-            if !cleared.contains(k) {
-                fresh.insert(k.clone(), v.clone());
-            }
-        }
-        fresh.insert(headers::REPLAYED.into(), AMQPValue::Boolean(true));
-        h = fresh;
-        let props = delivery.properties.clone().with_headers(h);
+        let props = replay_props(&delivery.properties);
         broker
             .publish_raw("", &target, props, &delivery.data)
             .await?;
@@ -223,9 +230,37 @@ pub async fn replay(
     Ok(report)
 }
 
+/// `props` as a replay puts them back: every error and death header
+/// removed, marked replayed.
+fn replay_props(props: &BasicProperties) -> BasicProperties {
+    let h = props.headers().clone().unwrap_or_default();
+    let mut fresh = lapin::types::FieldTable::default();
+    for (k, v) in h.inner() {
+        let k_str = k.as_str();
+        let cleared = k_str.starts_with("x-bruno-")
+            || k_str.starts_with("x-death")
+            || k_str.starts_with("x-first-death")
+            || k_str.starts_with("x-last-death");
+        if !cleared {
+            fresh.insert(k.clone(), v.clone());
+        }
+    }
+    fresh.insert(headers::REPLAYED.into(), AMQPValue::Boolean(true));
+    props.clone().with_headers(fresh)
+}
+
 /// Drop every dead letter of a part; returns how many.
 pub async fn purge(broker: &Broker, part: &str) -> Result<u32, DlqError> {
     let queue = dlq_name(broker, part)?;
+    match broker.transport() {
+        Transport::Amqp => {}
+        Transport::Embedded(e) => {
+            return e
+                .purge(queue.as_str())
+                .ok_or_else(|| DlqError::UnknownPart(part.to_owned()));
+        }
+        Transport::Remote(c) => return c.dlq_purge(part).await,
+    }
     let channel = broker.open_channel().await?;
     let n = channel
         .queue_purge(queue, QueuePurgeOptions::default())

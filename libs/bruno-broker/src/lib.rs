@@ -15,7 +15,10 @@ mod config;
 mod connection;
 mod consume;
 pub mod dlq;
+pub mod embedded;
 mod metrics;
+/// One-shot commands against another process's embedded broker.
+pub mod remote;
 /// Request/reply for tools.
 pub mod reply;
 /// Queue depths for the metrics.

@@ -199,6 +199,98 @@ impl Inbox {
         Ok((correlation, registration))
     }
 
+    /// The bindings an inbox needs: `{type, replyto = id}` per reply type.
+    pub(crate) fn bindings(
+        id: &str,
+        reply_types: &[String],
+    ) -> Vec<std::collections::BTreeMap<String, String>> {
+        reply_types
+            .iter()
+            .map(|ty| {
+                std::collections::BTreeMap::from([
+                    ("type".to_owned(), ty.clone()),
+                    (ext::REPLY_TO.to_owned(), id.to_owned()),
+                ])
+            })
+            .collect()
+    }
+
+    fn take(&self, properties: &lapin::BasicProperties, data: &[u8]) {
+        if let Ok(event) = codec::decode(properties, data) {
+            let span = crate::trace::receive_span(&self.inner.id, &event);
+            let _entered = span.enter();
+            self.deliver(event);
+        }
+    }
+
+    async fn run_embedded(
+        self,
+        embedded: std::sync::Arc<crate::embedded::Embedded>,
+        reply_types: Vec<String>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let id = self.inner.id.clone();
+        embedded.declare_inbox(&id, Self::bindings(&id, &reply_types));
+        let consumer = match embedded.consume(&id, u16::MAX) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot consume the reply inbox");
+                return;
+            }
+        };
+        self.inner
+            .ready
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = consumer.next() => match next {
+                    Some(d) => {
+                        self.take(&d.properties, &d.data);
+                        d.handle.ack();
+                    }
+                    None => break,
+                }
+            }
+        }
+        drop(consumer);
+        embedded.delete_inbox(&id);
+        self.lose_all();
+    }
+
+    async fn run_remote(
+        self,
+        client: crate::remote::Client,
+        reply_types: Vec<String>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let ended = client.inbox(
+                &self.inner.id,
+                &reply_types,
+                || {
+                    self.inner
+                        .ready
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                },
+                |props, body| self.take(&props, &body),
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.lose_all();
+                    return;
+                }
+                ended = ended => {
+                    if let Err(e) = ended {
+                        tracing::warn!(error = %e, "reply inbox at the embedded broker lost");
+                    }
+                }
+            }
+            self.lose_all();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     fn lose_all(&self) {
         self.inner
             .ready
@@ -234,6 +326,18 @@ impl Inbox {
         reply_types: Vec<String>,
         shutdown: tokio_util::sync::CancellationToken,
     ) {
+        match broker.transport() {
+            crate::connection::Transport::Amqp => {}
+            crate::connection::Transport::Embedded(embedded) => {
+                self.run_embedded(embedded.clone(), reply_types, shutdown)
+                    .await;
+                return;
+            }
+            crate::connection::Transport::Remote(client) => {
+                self.run_remote(client.clone(), reply_types, shutdown).await;
+                return;
+            }
+        }
         loop {
             let Some(session) = broker.session(&shutdown).await else {
                 return;

@@ -54,6 +54,27 @@ pub async fn watch(
         return;
     }
     let metrics = broker.metrics().clone();
+    if let Some(embedded) = broker.as_embedded() {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for labels in &queues {
+                if let Some((messages, consumers)) = embedded.depth(&labels.queue) {
+                    metrics
+                        .queue_messages
+                        .get_or_create(labels)
+                        .set(i64::from(messages));
+                    metrics
+                        .queue_consumers
+                        .get_or_create(labels)
+                        .set(i64::from(consumers));
+                }
+            }
+        }
+    }
     let mut channel = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

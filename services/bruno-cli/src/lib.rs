@@ -142,6 +142,115 @@ pub fn start_broker(
     Broker::start(config.clone(), topology, name, metrics, cancel)
 }
 
+/// The embedded broker of a `bruno dev` (ADR 14), with the endpoint that
+/// one-shot commands reach it by; removed again by [`EmbeddedBroker::close`].
+pub struct EmbeddedBroker {
+    /// The broker handle the parts use.
+    pub broker: Broker,
+    /// Where one-shot commands reach it.
+    pub endpoint: SocketAddr,
+    endpoint_file: std::path::PathBuf,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop: CancellationToken,
+    _lock: std::fs::File,
+}
+
+impl EmbeddedBroker {
+    /// Stop serving commands, write what the journal holds, remove the
+    /// endpoint file.
+    pub async fn close(self) {
+        self.stop.cancel();
+        let _ = self.server.await;
+        self.broker.sync().await;
+        let _ = std::fs::remove_file(&self.endpoint_file);
+    }
+}
+
+/// Start the embedded broker with the fleet's topology under
+/// `broker.embedded_dir` (journal, lock, endpoint file).
+pub async fn start_embedded(
+    config: &BrokerConfig,
+    name: &str,
+    registry: &mut Registry,
+    cancel: CancellationToken,
+) -> anyhow::Result<EmbeddedBroker> {
+    let dir = &config.embedded_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating broker.embedded_dir {}", dir.display()))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .with_context(|| format!("opening {}", dir.join("lock").display()))?;
+    lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another bruno dev runs its embedded broker in {} (broker.embedded_dir); stop it or set another directory",
+            dir.display()
+        )
+    })?;
+    let journal = if config.embedded_journal {
+        let owned = dir.clone();
+        let compact = config.embedded_compact_bytes;
+        Some(
+            tokio::task::spawn_blocking(move || {
+                bruno_broker::embedded::Journal::open(&owned, compact)
+            })
+            .await?
+            .with_context(|| format!("opening the broker journal in {}", dir.display()))?,
+        )
+    } else {
+        None
+    };
+    if let Some((_, restored)) = &journal
+        && !restored.is_empty()
+    {
+        info!(
+            messages = restored.len(),
+            "embedded broker restored its journal"
+        );
+    }
+    let metrics = BrokerMetrics::default();
+    metrics.register(registry);
+    let broker = Broker::embedded(
+        config.clone(),
+        registry::topology(config),
+        name,
+        metrics,
+        cancel,
+        journal,
+    );
+    let token = bruno_core::Secret::new(format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let stop = CancellationToken::new();
+    let (endpoint, server) = serve(
+        config.embedded_listen,
+        bruno_broker::remote::router(broker.clone(), &token),
+        stop.clone(),
+    )
+    .await
+    .with_context(|| format!("binding broker.embedded_listen {}", config.embedded_listen))?;
+    let endpoint_file = bruno_broker::remote::Endpoint {
+        url: format!("http://{endpoint}"),
+        token: token.expose().to_owned(),
+        pid: std::process::id(),
+    }
+    .write(dir)
+    .with_context(|| format!("writing the endpoint file in {}", dir.display()))?;
+    info!(%endpoint, dir = %dir.display(), journal = config.embedded_journal, "embedded broker running");
+    Ok(EmbeddedBroker {
+        broker,
+        endpoint,
+        endpoint_file,
+        server,
+        stop,
+        _lock: lock,
+    })
+}
+
 /// Addresses a running process listens on.
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
@@ -177,7 +286,7 @@ struct Running {
 /// bound addresses once everything listens and consumes. On shutdown the
 /// parts stop stage by stage ([`Stage`]): HTTP fronts stop taking
 /// requests, consumers finish their in-flight messages, the writer commits
-/// what it holds; the broker connection closes last.
+/// what it holds; the broker connection closes last. Needs `broker.url`.
 pub fn run_parts(
     config: Config,
     names: &[&str],
@@ -185,12 +294,48 @@ pub fn run_parts(
     ready: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static {
     let parts = registry::select(names);
-    run_selected(config, parts, shutdown, ready)
+    run_selected(config, parts, Source::Amqp, shutdown, ready)
+}
+
+/// Like [`run_parts`], on a broker the caller started (tests run a fleet
+/// on the embedded broker they also publish to).
+pub fn run_parts_on(
+    config: Config,
+    names: &[&str],
+    broker: Broker,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static {
+    let parts = registry::select(names);
+    run_selected(config, parts, Source::Given(broker), shutdown, ready)
+}
+
+/// Where a process's broker comes from.
+enum Source {
+    /// RabbitMQ at `broker.url` (required).
+    Amqp,
+    /// RabbitMQ when `broker.url` is set, else the embedded broker.
+    Dev,
+    /// One the caller started.
+    Given(Broker),
+}
+
+/// `bruno dev`: like [`run_parts`], on the embedded broker when
+/// `broker.url` is unset (ADR 14).
+pub fn run_dev(
+    config: Config,
+    names: &[&str],
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static {
+    let parts = registry::select(names);
+    run_selected(config, parts, Source::Dev, shutdown, ready)
 }
 
 async fn run_selected(
     config: Config,
     parts: anyhow::Result<Vec<&'static registry::PartEntry>>,
+    source: Source,
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<Bound>>,
 ) -> anyhow::Result<()> {
@@ -210,7 +355,26 @@ async fn run_selected(
     };
     let broker_cancel = CancellationToken::new();
     let mut metrics = Registry::default();
-    let broker = start_broker(&config.broker, &name, &mut metrics, broker_cancel.clone());
+    let (broker, embedded) = match (&config.broker.url, source) {
+        (_, Source::Given(broker)) => {
+            broker.metrics().register(&mut metrics);
+            (broker, None)
+        }
+        (Some(_), _) => (
+            start_broker(&config.broker, &name, &mut metrics, broker_cancel.clone()),
+            None,
+        ),
+        (None, Source::Dev) => {
+            let e =
+                start_embedded(&config.broker, &name, &mut metrics, broker_cancel.clone()).await?;
+            (e.broker.clone(), Some(e))
+        }
+        (None, Source::Amqp) => anyhow::bail!(
+            "broker.url is not set: `bruno {}` needs RabbitMQ (set broker.url or BRUNO_BROKER__URL, e.g. {}); only `bruno dev` runs an embedded broker",
+            parts.first().map_or("dev", |p| p.name),
+            BrokerConfig::LOCAL_RABBITMQ
+        ),
+    };
     let here: Vec<&str> = parts.iter().map(|p| p.name).collect();
     tokio::spawn(bruno_broker::stats::watch(
         broker.clone(),
@@ -322,6 +486,9 @@ async fn run_selected(
                 r.task.abort();
             }
             broker_cancel.cancel();
+            if let Some(e) = embedded {
+                e.close().await;
+            }
             return Err(e);
         }
     };
@@ -349,12 +516,42 @@ async fn run_selected(
     }
     admin_task.await??;
     broker_cancel.cancel();
+    if let Some(e) = embedded {
+        e.close().await;
+    }
     Ok(())
 }
 
 /// Connect for a one-off command; fails if the broker does not answer.
+/// Without `broker.url`, the embedded broker of the `bruno dev` that runs
+/// in `broker.embedded_dir`.
 pub async fn connect_for_tool(config: &Config) -> anyhow::Result<(Broker, CancellationToken)> {
     let cancel = CancellationToken::new();
+    if config.broker.url.is_none() {
+        let dir = &config.broker.embedded_dir;
+        let endpoint = bruno_broker::remote::Endpoint::read(dir).map_err(|e| {
+            anyhow::anyhow!(
+                "no broker: broker.url is not set and no bruno dev runs its embedded broker in {} ({e}); start `bruno dev`, or set broker.url to your RabbitMQ",
+                dir.display()
+            )
+        })?;
+        let broker = Broker::remote(
+            config.broker.clone(),
+            registry::topology(&config.broker),
+            &endpoint.url,
+            bruno_core::Secret::new(endpoint.token),
+            cancel.clone(),
+        );
+        if !broker.wait_connected(Duration::from_secs(5)).await {
+            anyhow::bail!(
+                "the bruno dev (pid {}) that wrote {} does not answer at {}; is it still running?",
+                endpoint.pid,
+                dir.join(bruno_broker::remote::ENDPOINT_FILE).display(),
+                endpoint.url
+            );
+        }
+        return Ok((broker, cancel));
+    }
     let broker = start_broker(
         &config.broker,
         "bruno-cli",

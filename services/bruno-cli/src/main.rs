@@ -333,7 +333,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             } else {
                 parts.iter().map(String::as_str).collect()
             };
-            run_parts(config, &names, bruno_runtime::shutdown::on_signals(), None).await
+            bruno_cli::run_dev(config, &names, bruno_runtime::shutdown::on_signals(), None).await
         }
         Command::Parts { markdown: true } => {
             print!("{}", registry::markdown_table());

@@ -17,7 +17,9 @@ use bruno_events::EventData;
 use bruno_events::payload::{DocFormat, DocumentSubmitted};
 use bruno_generator::LlmConfig;
 use bruno_store::StoreConfig;
-use bruno_system_tests::{Harness, await_indexed, await_ready, open_store, post_event};
+use bruno_system_tests::{
+    BrokerKind, Harness, await_indexed, await_ready, open_store, post_event, spawn_fleet,
+};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -163,20 +165,20 @@ async fn metric(admin: SocketAddr, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
-    let h = Harness::new(bruno_cli::registry::part_specs()).await;
+async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers(kind: BrokerKind) {
+    let h = Harness::on(kind, bruno_cli::registry::part_specs()).await;
     let dir = tempfile::tempdir().unwrap();
     let (seen, url) = llm().await;
     let config = fleet_config(&h, &dir, url);
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(run_parts(
+    let task = spawn_fleet(
+        &h,
         config,
         &bruno_cli::registry::runnable(),
         shutdown.clone(),
         Some(tx),
-    ));
+    );
     let bound = rx.await.unwrap();
     let gateway = bound.gateway.unwrap();
 
@@ -315,6 +317,8 @@ async fn a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers() {
 
     stop(shutdown, task, h).await;
 }
+
+bruno_system_tests::on_both!(a_chat_turn_cites_the_ingested_document_and_the_next_turn_remembers);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_llm_gets_a_504_and_its_late_answer_is_dropped_and_counted() {

@@ -9,8 +9,12 @@ use bruno_cli::{Config, run_ingress};
 use bruno_core::Secret;
 use tokio_util::sync::CancellationToken;
 
+/// The binary, on the test's RabbitMQ (the commands here test the AMQP
+/// path; `dev.rs` runs them without `broker.url`).
 fn bruno() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bruno"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bruno"));
+    cmd.env("BRUNO_BROKER__URL", amqp_url());
+    cmd
 }
 
 fn amqp_url() -> String {
@@ -138,7 +142,7 @@ async fn dlq_commands_print_json() {
 async fn dev_serves_ingress_and_admin_then_shuts_down() {
     let prefix = prefix();
     let mut config = Config::default();
-    config.broker.url = Secret::new(amqp_url());
+    config.broker.url = Some(Secret::new(amqp_url()));
     config.broker.prefix = prefix.clone();
     config.ingress.listen = "127.0.0.1:0".parse().unwrap();
     config.admin.listen = "127.0.0.1:0".parse().unwrap();

@@ -126,12 +126,30 @@ fn every_part_has_a_workload_in_every_overlay() {
                 Role::Http => vec!["Service"],
                 Role::Consumer { .. } => vec!["Deployment", "StatefulSet", "Service"],
             };
-            let found = docs.iter().any(|d| {
+            let found = docs.iter().find(|d| {
                 d["metadata"]["name"] == name.as_str()
                     && kinds.contains(&d["kind"].as_str().unwrap_or(""))
                     && (d["kind"] != "Service" || d["apiVersion"] == "serving.knative.dev/v1")
             });
-            assert!(found, "{env}: no workload for the {}", part.name);
+            let workload =
+                found.unwrap_or_else(|| panic!("{env}: no workload for the {}", part.name));
+            // A single-part process refuses to start without broker.url
+            // (ADR 14): every container of every part must get it.
+            let containers = workload["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .unwrap();
+            let c = containers
+                .iter()
+                .find(|c| c["name"] == part.name || containers.len() == 1)
+                .unwrap_or_else(|| panic!("{env}: no container {}", part.name));
+            let has_url = c["env"]
+                .as_array()
+                .is_some_and(|vars| vars.iter().any(|v| v["name"] == "BRUNO_BROKER__URL"));
+            assert!(
+                has_url,
+                "{env}: the {} gets no BRUNO_BROKER__URL",
+                part.name
+            );
         }
     }
 }

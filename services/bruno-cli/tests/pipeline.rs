@@ -16,7 +16,7 @@ use bruno_events::payload::{
 };
 use bruno_events::{EventData, decode_data, new_event};
 use bruno_store::{Store, StoreConfig};
-use bruno_system_tests::{Harness, Recorder, open_store, recv_n};
+use bruno_system_tests::{BrokerKind, Harness, Recorder, open_store, recv_n};
 use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
@@ -54,6 +54,19 @@ impl InProc {
         let shutdown = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(run_parts(config, parts, shutdown.clone(), Some(tx)));
+        let bound = rx.await.expect("parts did not start");
+        Self {
+            shutdown,
+            task,
+            bound,
+        }
+    }
+
+    /// On the harness's broker, whichever it is.
+    async fn start_on(h: &Harness, config: Config, parts: &[&str]) -> Self {
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = bruno_system_tests::spawn_fleet(h, config, parts, shutdown.clone(), Some(tx));
         let bound = rx.await.expect("parts did not start");
         Self {
             shutdown,
@@ -337,11 +350,13 @@ const OTHERS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn search_finds_keywords_and_paraphrases_and_changed_documents_replace_their_chunks() {
-    let h = Harness::new(bruno_cli::registry::part_specs()).await;
+async fn search_finds_keywords_and_paraphrases_and_changed_documents_replace_their_chunks(
+    kind: BrokerKind,
+) {
+    let h = Harness::on(kind, bruno_cli::registry::part_specs()).await;
     let dir = tempfile::tempdir().unwrap();
-    let fleet = InProc::start(config(&h, dir.path()), &bruno_cli::registry::runnable()).await;
+    let fleet =
+        InProc::start_on(&h, config(&h, dir.path()), &bruno_cli::registry::runnable()).await;
     let addr = fleet.bound.ingress.unwrap();
     let chunking = ChunkingConfig::default();
     let store = open_store(dir.path()).await;
@@ -490,6 +505,10 @@ async fn search_finds_keywords_and_paraphrases_and_changed_documents_replace_the
     fleet.stop().await;
     h.cleanup().await;
 }
+
+bruno_system_tests::on_both!(
+    search_finds_keywords_and_paraphrases_and_changed_documents_replace_their_chunks
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_documents_and_a_foreign_embedder_are_dead_lettered_and_the_pipeline_goes_on() {

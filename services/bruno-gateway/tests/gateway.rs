@@ -390,7 +390,7 @@ async fn the_broker_connection_lost_mid_turn_fails_fast_and_the_reply_queue_come
     let (h, stop) = setup().await;
     let proxy = Proxy::start(amqp_addr()).await;
     let mut config = h.config.clone();
-    config.url = Secret::new(amqp_url(&proxy.host()));
+    config.url = Some(Secret::new(amqp_url(&proxy.host())));
     let cancel = CancellationToken::new();
     let broker = Broker::start(
         config,
@@ -456,7 +456,7 @@ async fn the_broker_restarting_mid_turn_fails_fast_and_chats_resume_after_it() {
     // disturb every other test.
     let node = PrivateBroker::start().await;
     let mut config = test_config();
-    config.url = Secret::new(node.url());
+    config.url = Some(Secret::new(node.url()));
     let (h, stop) = setup_on(config).await;
     let g = gateway(
         h.broker.clone(),
