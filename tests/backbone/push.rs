@@ -216,3 +216,170 @@ async fn knative_dead_letters_land_in_the_parts_dlq_with_brunos_error_headers() 
     stop.cancel();
     h.cleanup().await;
 }
+
+/// Emits two events for every `backup.requested` it takes (more than one
+/// reply, so they go through the broker handle, i.e. the sink).
+struct Fanout;
+
+impl Handler for Fanout {
+    type Input = bruno_events::payload::BackupRequested;
+    async fn handle(
+        &self,
+        input: Incoming<bruno_events::payload::BackupRequested>,
+        ctx: &Context,
+    ) -> Result<Vec<Event>, HandlerError> {
+        Ok((0..2)
+            .map(|i| {
+                reply_event(
+                    &input.event,
+                    &ctx.source,
+                    i,
+                    &ChatFailed {
+                        reason: format!("out-{i}"),
+                        message: "m".into(),
+                    },
+                )
+            })
+            .collect())
+    }
+}
+
+type Received = Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, Event)>>>;
+
+/// A Knative Broker ingress as far as the wire goes: binary-mode CloudEvents
+/// on `POST /`, 202 once stored; `/down` answers 503, `/refuse` 400.
+async fn knative_broker_ingress() -> (String, Received) {
+    let got: Received = Arc::default();
+    let keep = got.clone();
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::post(move |headers: axum::http::HeaderMap, event: Event| {
+                let keep = keep.clone();
+                async move {
+                    keep.lock().unwrap().push((headers, event));
+                    axum::http::StatusCode::ACCEPTED
+                }
+            }),
+        )
+        .route(
+            "/down",
+            axum::routing::post(|| async { axum::http::StatusCode::SERVICE_UNAVAILABLE }),
+        )
+        .route(
+            "/refuse",
+            axum::routing::post(|| async { axum::http::StatusCode::BAD_REQUEST }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got)
+}
+
+fn sink_broker(url: &str) -> bruno_broker::Broker {
+    let config = bruno_broker::BrokerConfig {
+        publish_url: Some(url.to_owned()),
+        ..Default::default()
+    };
+    let topology = bruno_broker::Topology::new(&config, vec![]);
+    bruno_broker::Broker::sink_only(
+        config,
+        topology,
+        "push-test",
+        bruno_broker::BrokerMetrics::default(),
+        CancellationToken::new(),
+    )
+}
+
+#[tokio::test]
+async fn a_push_part_takes_a_ping_as_its_event_and_publishes_to_the_knative_broker() {
+    use bruno_events::payload::BackupRequested;
+    let (sink, got) = knative_broker_ingress().await;
+    let stop = CancellationToken::new();
+    let part = bruno_runtime::push_part(
+        "backup",
+        Some(sink_broker(&format!("{sink}/"))),
+        Arc::new(Fanout),
+        1 << 20,
+        stop.clone(),
+    );
+    let (addr, _task) =
+        bruno_runtime::admin::serve("127.0.0.1:0".parse().unwrap(), part.router, stop.clone())
+            .await
+            .unwrap();
+    let client = reqwest::Client::new();
+    // Knative probes the serving port.
+    for path in ["/live", "/ready"] {
+        let mut status = 0;
+        for _ in 0..50 {
+            status = client
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16();
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(status, 200, "{path}");
+    }
+    // What a PingSource with `ceOverrides.extensions.brunotype` sends.
+    let ping = |target: Option<&str>| {
+        let mut r = client
+            .post(format!("http://{addr}/"))
+            .header("ce-specversion", "1.0")
+            .header("ce-id", uuid::Uuid::new_v4().to_string())
+            .header(
+                "ce-source",
+                "/apis/v1/namespaces/bruno/pingsources/bruno-backup-hourly",
+            )
+            .header("ce-type", bruno_runtime::PING_TYPE)
+            .header(
+                "ce-traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .header("content-type", "application/json")
+            .body("{}");
+        if let Some(t) = target {
+            r = r.header("ce-brunotype", t);
+        }
+        r.send()
+    };
+    let r = ping(Some(BackupRequested::TYPE)).await.unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let received = got.lock().unwrap().clone();
+    assert_eq!(received.len(), 2, "both outputs reached the Knative Broker");
+    for (headers, event) in &received {
+        assert_eq!(event.ty(), ChatFailed::TYPE);
+        assert_eq!(event.source().as_str(), "bruno/backup");
+        // Binary mode, with the trace context of the publish span.
+        assert_eq!(headers["ce-type"], ChatFailed::TYPE);
+        let parent = headers["ce-traceparent"].to_str().unwrap();
+        assert!(parent.starts_with("00-") && parent.len() == 55, "{parent}");
+    }
+    // A ping standing for nothing this part takes is refused for good.
+    let r = ping(None).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = ping(Some("bruno.nope.v1")).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(got.lock().unwrap().len(), 2);
+
+    // A sink that cannot store: retry later (503 to Knative); one that
+    // refuses: a 4xx the caller sees as returned.
+    let event = bruno_events::new_event("tests", &BackupRequested::default());
+    let down = sink_broker(&format!("{sink}/down")).publish(&event).await;
+    assert!(
+        matches!(down, Err(bruno_broker::PublishError::Unavailable(_))),
+        "{down:?}"
+    );
+    let refused = sink_broker(&format!("{sink}/refuse")).publish(&event).await;
+    assert!(
+        matches!(refused, Err(bruno_broker::PublishError::Returned(_))),
+        "{refused:?}"
+    );
+    stop.cancel();
+    part.finish.await;
+}

@@ -20,6 +20,14 @@ pub struct BrokerConfig {
     pub embedded_listen: std::net::SocketAddr,
     /// Journal size past which it is rewritten with only live messages.
     pub embedded_compact_bytes: u64,
+    /// Push mode (ADR 15): publish events as CloudEvents over HTTP to this
+    /// sink, the Knative `Broker`'s ingress, instead of the events exchange.
+    /// A push-mode consumer needs nothing else; raw publishes (dead
+    /// letters, retries) and inboxes still need `url`.
+    pub publish_url: Option<String>,
+    /// Push mode: the parts Knative Triggers serve, left out of the AMQP
+    /// topology so no queue fills up that nobody consumes.
+    pub push_parts: Vec<String>,
     /// PEM file of the CA(s) that signed the broker's certificate, for
     /// `amqps://` to a broker with a private CA (else the public web roots).
     pub ca_file: Option<std::path::PathBuf>,
@@ -60,6 +68,8 @@ impl Default for BrokerConfig {
             embedded_journal: true,
             embedded_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             embedded_compact_bytes: 64 << 20,
+            publish_url: None,
+            push_parts: Vec::new(),
             ca_file: None,
             prefix: String::new(),
             delivery_limit: 10,

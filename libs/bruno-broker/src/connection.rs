@@ -85,6 +85,8 @@ struct Inner {
     /// AMQP only: the live session, if any (never set on the others).
     session: watch::Sender<Option<Arc<Session>>>,
     transport: Transport,
+    /// Push mode: where events go instead of the events exchange.
+    sink: Option<crate::sink::Sink>,
     cancel: CancellationToken,
     metrics: BrokerMetrics,
 }
@@ -98,6 +100,8 @@ pub(crate) enum Transport {
     /// Another process's embedded broker, over its local HTTP endpoint
     /// (one-shot commands next to a `bruno dev`).
     Remote(crate::remote::Client),
+    /// None: a push-mode consumer, which only publishes, to its sink.
+    SinkOnly,
 }
 
 /// Handle to the supervised broker connection; cheap to clone.
@@ -183,6 +187,26 @@ impl Broker {
         )
     }
 
+    /// A push-mode consumer's broker: events go to `config.publish_url`;
+    /// there is nothing to consume from and no inbox (ADR 15).
+    pub fn sink_only(
+        config: BrokerConfig,
+        topology: Topology,
+        connection_name: impl Into<String>,
+        metrics: BrokerMetrics,
+        cancel: CancellationToken,
+    ) -> Self {
+        metrics.connected.set(1);
+        Self::with_transport(
+            config,
+            topology,
+            connection_name.into(),
+            metrics,
+            cancel,
+            Transport::SinkOnly,
+        )
+    }
+
     fn with_transport(
         config: BrokerConfig,
         topology: Topology,
@@ -192,6 +216,12 @@ impl Broker {
         transport: Transport,
     ) -> Self {
         let (session, _) = watch::channel(None);
+        // An empty publish_url is unset (a Pod's env overriding the ConfigMap).
+        let sink = config
+            .publish_url
+            .as_deref()
+            .filter(|u| !u.is_empty())
+            .map(crate::sink::Sink::new);
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -199,6 +229,7 @@ impl Broker {
                 connection_name,
                 session,
                 transport,
+                sink,
                 cancel,
                 metrics,
             }),
@@ -223,6 +254,7 @@ impl Broker {
             Transport::Amqp => "rabbitmq",
             Transport::Embedded(_) => "embedded",
             Transport::Remote(_) => "embedded-remote",
+            Transport::SinkOnly => "sink",
         }
     }
 
@@ -230,7 +262,7 @@ impl Broker {
     pub fn is_connected(&self) -> bool {
         match &self.inner.transport {
             Transport::Amqp => self.inner.session.borrow().is_some(),
-            Transport::Embedded(_) | Transport::Remote(_) => true,
+            Transport::Embedded(_) | Transport::Remote(_) | Transport::SinkOnly => true,
         }
     }
 
@@ -243,7 +275,7 @@ impl Broker {
                     .await
                     .is_ok()
             }
-            Transport::Embedded(_) => true,
+            Transport::Embedded(_) | Transport::SinkOnly => true,
             Transport::Remote(c) => tokio::time::timeout(timeout, c.ping())
                 .await
                 .is_ok_and(|r| r.is_ok()),
@@ -319,6 +351,25 @@ impl Broker {
             .iter()
             .map(|e| crate::trace::publish_span(&exchange, e))
             .collect();
+        if let Some(sink) = &self.inner.sink {
+            let traces = spans.iter().map(crate::trace::context_of).collect();
+            let result = sink
+                .publish(events, traces, self.inner.config.publish_timeout())
+                .await;
+            let label = match &result {
+                Ok(()) => "confirmed",
+                Err(PublishError::Returned(_)) => "returned",
+                Err(PublishError::Timeout(_)) => "timeout",
+                Err(_) => "unavailable",
+            };
+            for _ in events {
+                self.inner.metrics.publish(label);
+            }
+            if result.is_err() {
+                spans.iter().for_each(crate::trace::failed);
+            }
+            return result;
+        }
         let encoded = events
             .iter()
             .zip(&spans)
@@ -359,6 +410,13 @@ impl Broker {
         let metrics = &self.inner.metrics;
         match &self.inner.transport {
             Transport::Amqp => {}
+            Transport::SinkOnly => {
+                metrics.publish("unavailable");
+                return Err(PublishError::Unavailable(
+                    "push mode without broker.url publishes events to broker.publish_url only"
+                        .into(),
+                ));
+            }
             Transport::Embedded(embedded) => {
                 let mut confirms = Vec::with_capacity(messages.len());
                 let mut refused = None;

@@ -204,6 +204,10 @@ pub async fn consume<P: Processor>(
             error!(%part, "parts cannot consume through another process's embedded broker; set broker.url");
             return;
         }
+        Transport::SinkOnly => {
+            error!(%part, "no broker.url to consume from (push mode serves parts over HTTP)");
+            return;
+        }
     }
     let Ok(queue_name) = ShortString::try_new(queue.clone()) else {
         error!(%queue, "queue name longer than 255 bytes; not consuming");

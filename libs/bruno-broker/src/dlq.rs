@@ -165,6 +165,11 @@ pub async fn list(broker: &Broker, part: &str, limit: usize) -> Result<Vec<DeadL
             return Ok(letters.iter().map(|(p, b)| describe(p, b)).collect());
         }
         Transport::Remote(c) => return c.dlq_list(part, limit).await,
+        Transport::SinkOnly => {
+            return Err(DlqError::Publish(PublishError::Unavailable(
+                "no broker.url (push mode)".into(),
+            )));
+        }
     }
     let channel = broker.open_channel().await?;
     let mut out = Vec::new();
@@ -210,6 +215,11 @@ pub async fn replay(
             return Ok(ReplayReport { replayed, kept });
         }
         Transport::Remote(c) => return c.dlq_replay(part, filter).await,
+        Transport::SinkOnly => {
+            return Err(DlqError::Publish(PublishError::Unavailable(
+                "no broker.url (push mode)".into(),
+            )));
+        }
     }
     let channel = broker.open_channel().await?;
     let mut report = ReplayReport::default();
@@ -260,6 +270,11 @@ pub async fn purge(broker: &Broker, part: &str) -> Result<u32, DlqError> {
                 .ok_or_else(|| DlqError::UnknownPart(part.to_owned()));
         }
         Transport::Remote(c) => return c.dlq_purge(part).await,
+        Transport::SinkOnly => {
+            return Err(DlqError::Publish(PublishError::Unavailable(
+                "no broker.url (push mode)".into(),
+            )));
+        }
     }
     let channel = broker.open_channel().await?;
     let n = channel

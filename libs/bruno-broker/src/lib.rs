@@ -21,6 +21,8 @@ mod metrics;
 pub mod remote;
 /// Request/reply for tools.
 pub mod reply;
+/// Push mode's HTTP publisher.
+pub mod sink;
 /// Queue depths for the metrics.
 pub mod stats;
 mod topology;

@@ -337,6 +337,10 @@ impl Inbox {
                 self.run_remote(client.clone(), reply_types, shutdown).await;
                 return;
             }
+            crate::connection::Transport::SinkOnly => {
+                tracing::error!("no broker.url: a reply inbox needs one (push mode)");
+                return;
+            }
         }
         loop {
             let Some(session) = broker.session(&shutdown).await else {

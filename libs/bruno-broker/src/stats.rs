@@ -54,6 +54,12 @@ pub async fn watch(
         return;
     }
     let metrics = broker.metrics().clone();
+    if matches!(
+        broker.transport(),
+        crate::connection::Transport::SinkOnly | crate::connection::Transport::Remote(_)
+    ) {
+        return;
+    }
     if let Some(embedded) = broker.as_embedded() {
         let mut tick = tokio::time::interval(every);
         loop {

@@ -25,7 +25,7 @@ pub use bruno_broker::Broker;
 pub use bruno_core::{Classify, ErrorCode, Secret};
 pub use handler::{Context, FromEvent, Handler, HandlerError, Incoming, Raw, run_pull};
 pub use problem::Problem;
-pub use push::{PushPart, push_part, push_router};
+pub use push::{PING_TARGET, PING_TYPE, PushPart, from_ping, push_part, push_router};
 
 /// What the [`inputs!`] macro expands to; not part of the API.
 #[doc(hidden)]

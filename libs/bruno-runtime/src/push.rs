@@ -48,6 +48,21 @@ pub fn push_part<H: Handler>(
             crate::handler::ticks(handler, ctx.clone(), ctx.shutdown.clone()).await;
         })
     };
+    // A Knative Service probes its serving port only: `/live`, and `/ready`
+    // once the start hook has run.
+    let ready = {
+        let started = started.clone();
+        move || {
+            let up = *started.borrow();
+            async move {
+                if up {
+                    (StatusCode::OK, "ready").into_response()
+                } else {
+                    Problem::unavailable("the part is starting", 1).into_response()
+                }
+            }
+        }
+    };
     let route = {
         let (handler, ctx) = (handler.clone(), ctx.clone());
         move |headers: HeaderMap, body: Bytes| {
@@ -62,6 +77,8 @@ pub fn push_part<H: Handler>(
     };
     let router = Router::new()
         .route("/", post(route))
+        .route("/live", axum::routing::get(|| async { "live" }))
+        .route("/ready", axum::routing::get(ready))
         .layer(DefaultBodyLimit::max(max_body_bytes));
     let finish = Box::pin(async move {
         let _ = lifecycle.await;
@@ -83,6 +100,25 @@ pub fn push_router<H: Handler>(handler: Arc<H>, ctx: Context, max_body_bytes: us
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
+/// The type of a Knative `PingSource`'s events.
+pub const PING_TYPE: &str = "dev.knative.sources.ping";
+/// The extension a `PingSource` sets (`ceOverrides`) to name the Bruno
+/// event type its ticks stand for (`bruno.backup.requested.v1`).
+pub const PING_TARGET: &str = "brunotype";
+
+/// A ping with a [`PING_TARGET`] extension becomes an event of that type
+/// with the ping's data (a PingSource cannot set the type itself); any
+/// other event is left as it is.
+pub fn from_ping(mut event: bruno_events::Event) -> bruno_events::Event {
+    use bruno_events::{AttributesReader, AttributesWriter};
+    if event.ty() == PING_TYPE
+        && let Some(target) = bruno_events::ext_str(&event, PING_TARGET).map(str::to_owned)
+    {
+        event.set_type(target);
+    }
+    event
+}
+
 async fn deliver<H: Handler>(
     handler: &H,
     ctx: &Context,
@@ -99,6 +135,7 @@ async fn deliver<H: Handler>(
     let Some(event) = events.pop() else {
         return Problem::invalid("body", "no event").into_response();
     };
+    let event = from_ping(event);
     let span = bruno_broker::trace::process_span("push", "knative-trigger", &event, 1);
     let outcome =
         tracing::Instrument::instrument(invoke(handler, ctx, event, 0), span.clone()).await;

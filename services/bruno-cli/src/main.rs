@@ -102,6 +102,9 @@ enum Command {
         /// The RabbitmqCluster the manifests refer to.
         #[arg(long, default_value = "bruno-rabbitmq")]
         cluster: String,
+        /// Print push mode's Knative Triggers (YAML) instead.
+        #[arg(long, conflicts_with = "manifests")]
+        knative: bool,
     },
     /// Run the backup part (no subcommand), or take, list and verify backups.
     Backup {
@@ -525,9 +528,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Topology { knative: true, .. } => {
+            print!("{}", bruno_cli::knative_yaml(&config.broker)?);
+            Ok(())
+        }
         Command::Topology {
             manifests: true,
             cluster,
+            ..
         } => {
             let topology = registry::topology(&config.broker);
             print!("{}", bruno_cli::manifests_yaml(&topology, &cluster)?);

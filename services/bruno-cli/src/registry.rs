@@ -403,8 +403,122 @@ pub fn observed_types() -> Vec<&'static str> {
 }
 
 /// The fleet's whole topology under `config`.
+/// Parts that `broker.push_parts` names keep their queues (their DLQ takes
+/// Knative's dead letters) but no bindings: Knative Triggers serve them, so
+/// nothing may pile up in a queue nobody consumes (ADR 15).
 pub fn topology(config: &bruno_broker::BrokerConfig) -> bruno_broker::Topology {
-    bruno_broker::Topology::new(config, part_specs()).with_observed(observed_types())
+    let parts = part_specs()
+        .into_iter()
+        .map(|mut p| {
+            if config.push_parts.contains(&p.name) {
+                p.bindings.clear();
+            }
+            p
+        })
+        .collect();
+    bruno_broker::Topology::new(config, parts).with_observed(observed_types())
+}
+
+/// The parts Knative Triggers serve in push mode: every consumer but the
+/// writer, which stays a single-active consumer of its own queue (ADR 13,
+/// ADR 15).
+pub fn push_parts() -> Vec<&'static str> {
+    PARTS
+        .iter()
+        .filter(|p| matches!(p.role, Role::Consumer { .. }) && p.stage != Stage::Store)
+        .map(|p| p.name)
+        .collect()
+}
+
+/// A DNS-label slug of an event type: `bruno.document.submitted.v1` →
+/// `document-submitted-v1`.
+fn slug(ty: &str) -> String {
+    ty.strip_prefix("bruno.")
+        .unwrap_or(ty)
+        .replace(['.', '_'], "-")
+}
+
+/// The Knative Triggers of push mode (ADR 15), on the `bruno` Broker:
+/// - one per binding of each push part ([`push_parts`]), filtered on
+///   exactly that binding's attributes, delivering to the part's Knative
+///   Service, retried `broker.max_attempts - 1` times with exponential
+///   backoff from the first retry tier, dead letters to the bridge's
+///   `/dead-letters/<part>` (so `bruno dlq` sees them);
+/// - one per binding of each pull part (the writer), delivering to the
+///   bridge, which publishes into `bruno.events` and so into its queue;
+/// - one per other type someone awaits (replies for the gateway's and the
+///   CLI's inboxes, notifications), delivering to the bridge.
+pub fn knative_triggers(config: &bruno_broker::BrokerConfig) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let push = push_parts();
+    let service = |name: &str| json!({"apiVersion": "serving.knative.dev/v1", "kind": "Service", "name": name});
+    let delivery = |part: &str| {
+        let first = config.retry_delays_ms.first().copied().unwrap_or(1_000);
+        json!({
+            "retry": config.max_attempts.saturating_sub(1).max(1),
+            "backoffPolicy": "exponential",
+            "backoffDelay": format!("PT{}S", (first / 1000).max(1)),
+            "deadLetterSink": {"ref": service("bruno-bridge"), "uri": format!("/dead-letters/{part}")},
+        })
+    };
+    let trigger = |name: String,
+                   part: &str,
+                   filter: &std::collections::BTreeMap<String, String>,
+                   subscriber: serde_json::Value,
+                   delivery: serde_json::Value| {
+        json!({
+            "apiVersion": "eventing.knative.dev/v1",
+            "kind": "Trigger",
+            "metadata": {
+                "name": name,
+                "labels": {"app.kubernetes.io/part-of": "bruno", "bruno.dev/part": part},
+            },
+            "spec": {
+                "broker": "bruno",
+                "filter": {"attributes": filter},
+                "subscriber": subscriber,
+                "delivery": delivery,
+            },
+        })
+    };
+    let mut out = Vec::new();
+    let mut to_bridge = std::collections::BTreeSet::new();
+    for spec in part_specs() {
+        let pushed = push.contains(&spec.name.as_str());
+        for binding in &spec.bindings {
+            let ty = binding.get("type").map_or("any", String::as_str);
+            let subscriber = if pushed {
+                json!({"ref": service(&format!("bruno-{}", spec.name))})
+            } else {
+                to_bridge.insert(ty.to_owned());
+                json!({"ref": service("bruno-bridge")})
+            };
+            out.push(trigger(
+                format!("bruno-{}-{}", spec.name, slug(ty)),
+                &spec.name,
+                binding,
+                subscriber,
+                delivery(&spec.name),
+            ));
+        }
+    }
+    let mut awaited: Vec<&str> = PARTS
+        .iter()
+        .flat_map(|p| p.awaits.iter().copied())
+        .collect();
+    awaited.extend(observed_types());
+    awaited.sort_unstable();
+    awaited.dedup();
+    for ty in awaited.into_iter().filter(|t| !to_bridge.contains(*t)) {
+        out.push(trigger(
+            format!("bruno-reply-{}", slug(ty)),
+            "bridge",
+            &std::collections::BTreeMap::from([("type".to_owned(), ty.to_owned())]),
+            json!({"ref": service("bruno-bridge")}),
+            json!({"retry": 2, "backoffPolicy": "exponential", "backoffDelay": "PT1S"}),
+        ));
+    }
+    out
 }
 
 /// The parts that take events of type `ty` (from a queue or an inbox).

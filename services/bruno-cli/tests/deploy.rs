@@ -142,14 +142,27 @@ fn every_part_has_a_workload_in_every_overlay() {
                 .iter()
                 .find(|c| c["name"] == part.name || containers.len() == 1)
                 .unwrap_or_else(|| panic!("{env}: no container {}", part.name));
-            let has_url = c["env"]
-                .as_array()
-                .is_some_and(|vars| vars.iter().any(|v| v["name"] == "BRUNO_BROKER__URL"));
-            assert!(
-                has_url,
-                "{env}: the {} gets no BRUNO_BROKER__URL",
-                part.name
-            );
+            let has = |var: &str| {
+                c["env"]
+                    .as_array()
+                    .is_some_and(|vars| vars.iter().any(|v| v["name"] == var))
+            };
+            let pushed = matches!(part.role, Role::Consumer { .. })
+                && workload["apiVersion"] == "serving.knative.dev/v1";
+            if pushed {
+                // Push mode: served over HTTP, publishing to the Knative Broker.
+                assert!(has("BRUNO_CONSUMERS__PUSH_LISTEN"), "{env}: {}", part.name);
+                assert!(
+                    config_value(docs, "BRUNO_BROKER__PUBLISH_URL").is_some_and(|u| !u.is_empty()),
+                    "{env}: push mode without broker.publish_url"
+                );
+            } else {
+                assert!(
+                    has("BRUNO_BROKER__URL"),
+                    "{env}: the {} gets no BRUNO_BROKER__URL",
+                    part.name
+                );
+            }
         }
     }
 }
@@ -181,6 +194,20 @@ fn consumers_scale_on_their_own_queues_and_the_writer_never_scales() {
                     (1..=2).contains(&replicas),
                     "{env}: {name} has {replicas} replicas"
                 );
+                continue;
+            }
+            if let Some(service) = docs.iter().find(|d| {
+                d["kind"] == "Service"
+                    && d["apiVersion"] == "serving.knative.dev/v1"
+                    && d["metadata"]["name"] == name.as_str()
+            }) {
+                // Push mode: Knative scales it on requests; a single-active
+                // part never past one replica.
+                assert!(scaled.is_none(), "{env}: {name} is both pushed and pulled");
+                let max = &service["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"];
+                if spec.single_active_consumer {
+                    assert_eq!(max, "1", "{env}: {name} scales past one replica");
+                }
                 continue;
             }
             let scaled = scaled.unwrap_or_else(|| panic!("{env}: {name} has no ScaledObject"));
@@ -299,4 +326,125 @@ fn staging_and_prod_require_api_keys_and_prod_speaks_tls_to_the_broker() {
             ["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"];
         assert!(anti.as_array().is_some_and(|a| !a.is_empty()), "{env}");
     }
+}
+
+/// Push mode (ADR 15): the Triggers are the code's bindings, generated and
+/// current; each push part gets its events from its own Triggers with
+/// retries and a dead-letter sink `bruno dlq` reads; the writer's events,
+/// the replies and the notifications reach Bruno's exchange through the
+/// bridge; the push parts have no queue bindings left to fill up; the
+/// hourly PingSource stands for `backup.requested`.
+#[test]
+fn push_mode_triggers_are_the_codes_bindings() {
+    use bruno_events::EventData;
+    let generated = bruno_cli::knative_yaml(&bruno_broker::BrokerConfig::default()).unwrap();
+    let committed =
+        std::fs::read_to_string(root().join("deploy/components/push-mode/triggers.yaml")).unwrap();
+    assert_eq!(
+        committed, generated,
+        "triggers.yaml is stale: run `bruno topology --knative > deploy/components/push-mode/triggers.yaml`"
+    );
+    let docs = &rendered()["push"];
+    let triggers: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Trigger").collect();
+    let push = registry::push_parts();
+    assert!(!push.contains(&"writer"));
+    assert_eq!(
+        config_value(docs, "BRUNO_BROKER__PUSH_PARTS")
+            .map(|v| serde_json::from_str::<Vec<String>>(v).unwrap()),
+        Some(push.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>())
+    );
+    for spec in registry::part_specs() {
+        let pushed = push.contains(&spec.name.as_str());
+        let subscriber = if pushed {
+            format!("bruno-{}", spec.name)
+        } else {
+            "bruno-bridge".to_owned()
+        };
+        for binding in &spec.bindings {
+            let expected: serde_json::Map<String, Value> = binding
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            let t = triggers
+                .iter()
+                .find(|t| {
+                    t["spec"]["filter"]["attributes"] == Value::Object(expected.clone())
+                        && t["spec"]["subscriber"]["ref"]["name"] == subscriber.as_str()
+                })
+                .unwrap_or_else(|| panic!("no Trigger for {} on {binding:?}", spec.name));
+            assert_eq!(t["spec"]["broker"], "bruno");
+            let delivery = &t["spec"]["delivery"];
+            assert_eq!(delivery["backoffPolicy"], "exponential");
+            assert!(delivery["retry"].as_u64().unwrap() >= 1);
+            assert_eq!(delivery["deadLetterSink"]["ref"]["name"], "bruno-bridge");
+            assert_eq!(
+                delivery["deadLetterSink"]["uri"],
+                format!("/dead-letters/{}", spec.name).as_str()
+            );
+        }
+        let service = docs.iter().find(|d| {
+            d["kind"] == "Service"
+                && d["apiVersion"] == "serving.knative.dev/v1"
+                && d["metadata"]["name"] == format!("bruno-{}", spec.name).as_str()
+        });
+        assert_eq!(
+            service.is_some(),
+            pushed,
+            "{}: Knative Service iff pushed",
+            spec.name
+        );
+        assert!(
+            find(docs, "Deployment", &format!("bruno-{}", spec.name)).is_none(),
+            "{}: a Deployment left in push mode",
+            spec.name
+        );
+        // No queue binding left for a push part: nothing may pile up there.
+        let bound = docs
+            .iter()
+            .any(|d| d["kind"] == "Binding" && d["spec"]["destination"] == spec.name.as_str());
+        assert_eq!(bound, !pushed, "{}: queue bindings in push mode", spec.name);
+    }
+    // Every type an inbox awaits reaches the bridge.
+    for ty in bruno_gateway::REPLY_TYPES {
+        assert!(
+            triggers
+                .iter()
+                .any(|t| t["spec"]["filter"]["attributes"]["type"] == ty
+                    && t["spec"]["subscriber"]["ref"]["name"] == "bruno-bridge"),
+            "{ty} never reaches the gateway's inbox"
+        );
+    }
+    // The bridge publishes into Bruno's exchange (no publish_url) and takes
+    // Knative's deliveries without API keys.
+    let bridge = docs
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "bruno-bridge")
+        .unwrap();
+    let env = bridge["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    let var = |name: &str| {
+        env.iter()
+            .find(|v| v["name"] == name)
+            .map(|v| v["value"].clone())
+    };
+    assert_eq!(
+        var("BRUNO_BROKER__PUBLISH_URL"),
+        Some(Value::String(String::new()))
+    );
+    assert!(env.iter().any(|v| v["name"] == "BRUNO_BROKER__URL"));
+    assert_eq!(
+        bridge["metadata"]["labels"]["networking.knative.dev/visibility"],
+        "cluster-local"
+    );
+    // The hourly backup: a PingSource standing for backup.requested, and
+    // its Trigger to the backup part.
+    let ping = docs.iter().find(|d| d["kind"] == "PingSource").unwrap();
+    let target = &ping["spec"]["ceOverrides"]["extensions"][bruno_runtime::PING_TARGET];
+    assert_eq!(target, bruno_events::payload::BackupRequested::TYPE);
+    assert!(triggers.iter().any(|t| {
+        t["spec"]["filter"]["attributes"]["type"] == bruno_runtime::PING_TYPE
+            && t["spec"]["filter"]["attributes"][bruno_runtime::PING_TARGET] == *target
+            && t["spec"]["subscriber"]["ref"]["name"] == "bruno-backup"
+    }));
 }

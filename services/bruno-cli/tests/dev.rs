@@ -238,6 +238,24 @@ async fn without_broker_url_single_parts_and_commands_say_what_is_missing() {
         err.contains("broker.url is not set") && err.contains("only `bruno dev`"),
         "{err}"
     );
+    // Push mode needs no broker.url: a push-mode consumer only publishes,
+    // to the Knative Broker (ADR 15).
+    let mut push_env = env.clone();
+    for (k, v) in [
+        ("BRUNO_CONSUMERS__PUSH_LISTEN", "127.0.0.1:0"),
+        ("BRUNO_BROKER__PUBLISH_URL", "http://127.0.0.1:9/"),
+        ("BRUNO_ADMIN__LISTEN", "127.0.0.1:0"),
+        ("BRUNO_LOG__JSON", "true"),
+    ] {
+        push_env.push((k.to_owned(), v.to_owned()));
+    }
+    let mut generator = PartProcess::spawn_args(bin(), &["generator"], &push_env);
+    let served = generator.listening("generator").await;
+    let ready = reqwest::get(format!("http://{served}/ready"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    generator.kill().await;
     let (ok, _, err) = bruno(&["search", "anything"], &env).await;
     assert!(!ok);
     assert!(

@@ -54,6 +54,11 @@ impl Handler for Responder {
         if r.message.contains("slow") {
             tokio::time::sleep(Duration::from_millis(1500)).await;
         }
+        // Long enough that stopping a RabbitMQ node surely happens first,
+        // even on a busy machine.
+        if r.message.contains("glacial") {
+            tokio::time::sleep(Duration::from_millis(8000)).await;
+        }
         if r.message.contains("fail") {
             let failed = ChatFailed {
                 reason: "retrieval".into(),
@@ -480,7 +485,7 @@ async fn the_broker_restarting_mid_turn_fails_fast_and_chats_resume_after_it() {
                 post(
                     addr,
                     "/v1/chat",
-                    json!({"session_id": format!("s{i}"), "message": "slow one"}),
+                    json!({"session_id": format!("s{i}"), "message": "glacial one"}),
                 )
                 .await
             })
