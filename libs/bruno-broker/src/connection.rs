@@ -176,7 +176,7 @@ impl Broker {
         token: bruno_core::Secret,
         cancel: CancellationToken,
     ) -> Self {
-        let client = crate::remote::Client::new(url, token);
+        let client = crate::remote::Client::new(url, token, config.publish_timeout());
         Self::with_transport(
             config,
             topology,
@@ -418,6 +418,8 @@ impl Broker {
                 ));
             }
             Transport::Embedded(embedded) => {
+                let n = messages.len();
+                let count = |label: &'static str| (0..n).for_each(|_| metrics.publish(label));
                 let mut confirms = Vec::with_capacity(messages.len());
                 let mut refused = None;
                 for (props, body) in messages {
@@ -441,21 +443,21 @@ impl Broker {
                     (Some(e), _) | (None, Ok(Err(e))) => Err(e),
                     (None, Ok(Ok(()))) => Ok(()),
                     (None, Err(_)) => {
-                        metrics.publish("timeout");
+                        count("timeout");
                         return Err(PublishError::Timeout(timeout));
                     }
                 };
                 return match outcome {
                     Ok(()) => {
-                        metrics.publish("confirmed");
+                        count("confirmed");
                         Ok(())
                     }
                     Err(crate::embedded::Refused::NoRoute(q)) => {
-                        metrics.publish("returned");
+                        count("returned");
                         Err(PublishError::Returned(format!("NO_ROUTE {q}")))
                     }
                     Err(e @ crate::embedded::Refused::Journal(_)) => {
-                        metrics.publish("nacked");
+                        count("nacked");
                         warn!(error = %e, "embedded broker refused a publish");
                         Err(PublishError::Nacked)
                     }

@@ -244,8 +244,8 @@ impl Embedded {
                     seq: record.seq,
                     props: record.props,
                     body: record.body,
-                    returns: 0,
-                    redelivered: matches!(q.kind, Kind::Work { .. }),
+                    returns: record.returns,
+                    redelivered: record.returns > 0,
                     at: Instant::now(),
                 }),
                 None => {
@@ -271,8 +271,58 @@ impl Embedded {
             journal,
             retry_wake: Arc::new(Notify::new()),
         });
+        broker.dead_letter_over_limit();
         tokio::spawn(retry_timer(Arc::downgrade(&broker)));
         broker
+    }
+
+    /// Restored messages that came back more often than the delivery limit
+    /// allows (the process died while handling them, again and again) go
+    /// to their dead-letter queue instead of killing the next run too.
+    fn dead_letter_over_limit(&self) {
+        let mut state = self.lock();
+        let mut over = Vec::new();
+        for (name, q) in &mut state.queues {
+            if let Kind::Work { dlq, limit } = &q.kind {
+                let (limit, dlq) = (*limit, dlq.clone());
+                let (dead, keep): (VecDeque<Msg>, VecDeque<Msg>) = std::mem::take(&mut q.ready)
+                    .into_iter()
+                    .partition(|m| m.returns > limit);
+                q.ready = keep;
+                over.extend(dead.into_iter().map(|m| (name.clone(), dlq.clone(), m)));
+            }
+        }
+        for (queue, dlq, m) in over {
+            tracing::warn!(%queue, returns = m.returns, "a message that was being handled at every crash is dead-lettered");
+            self.dead_letter(&mut state, &queue, &dlq, m);
+        }
+    }
+
+    /// Move `m` from `queue` to `dlq` as RabbitMQ does at the delivery limit.
+    fn dead_letter(&self, state: &mut State, queue: &str, dlq: &str, m: Msg) {
+        let mut headers = m.props.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString(LongString::from("delivery_limit")),
+        );
+        headers.insert(
+            "x-first-death-queue".into(),
+            AMQPValue::LongString(LongString::from(queue)),
+        );
+        let props = m.props.clone().with_headers(headers);
+        let mut confirms = Vec::new();
+        // Durable before the original goes: the journal writes in order.
+        match self.enqueue(state, dlq, props, m.body.clone(), &mut confirms) {
+            Ok(()) => self.settled(&m),
+            Err(e) => {
+                // No DLQ (cannot happen with a declared topology): keep it.
+                tracing::error!(%queue, error = %e, "no dead-letter queue; message kept");
+                if let Some(q) = state.queues.get_mut(queue) {
+                    q.ready.push_front(m);
+                    q.notify.notify_waiters();
+                }
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -532,34 +582,13 @@ impl Embedded {
             && m.returns > *limit
         {
             let dlq = dlq.clone();
-            let mut headers = m.props.headers().clone().unwrap_or_default();
-            headers.insert(
-                "x-first-death-reason".into(),
-                AMQPValue::LongString(LongString::from("delivery_limit")),
-            );
-            headers.insert(
-                "x-first-death-queue".into(),
-                AMQPValue::LongString(LongString::from(queue)),
-            );
-            let props = m.props.clone().with_headers(headers);
-            let mut confirms = Vec::new();
-            // Durable before the original goes: the journal writes in order.
-            if self
-                .enqueue(&mut state, &dlq, props, m.body.clone(), &mut confirms)
-                .is_ok()
-            {
-                if let Some(j) = &self.journal {
-                    j.delete(m.seq);
-                }
-                return;
-            }
-            // No DLQ (cannot happen with a declared topology): keep it.
-            let Some(q) = state.queues.get_mut(queue) else {
-                return;
-            };
-            q.ready.push_front(m);
-            q.notify.notify_waiters();
+            self.dead_letter(&mut state, queue, &dlq, m);
             return;
+        }
+        if q.durable()
+            && let Some(j) = &self.journal
+        {
+            j.returned(m.seq, m.returns);
         }
         q.ready.push_front(m);
         q.notify.notify_waiters();
@@ -695,6 +724,11 @@ impl Consumer {
                 if q.may_take(self.id)
                     && let Some(m) = q.ready.pop_front()
                 {
+                    if q.durable()
+                        && let Some(j) = &self.broker.journal
+                    {
+                        j.taken(m.seq);
+                    }
                     return Some(Delivery {
                         properties: m.props.clone(),
                         redelivered: m.redelivered,
@@ -755,5 +789,70 @@ impl Drop for Unsettled {
         if let Some(m) = self.msg.take() {
             self.broker.give_back(&self.queue, m);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BrokerConfig, PartSpec};
+
+    /// A message whose handler takes the whole process down every time
+    /// (here: the broker is leaked with the message taken, as a crash
+    /// leaves it) is dead-lettered once it passed the delivery limit,
+    /// instead of crashing every restart.
+    #[tokio::test]
+    async fn a_message_taken_at_every_crash_is_dead_lettered_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BrokerConfig {
+            delivery_limit: 2,
+            ..Default::default()
+        };
+        let topology = Topology::new(&config, vec![PartSpec::on_types("p", &["t"])]);
+        let (queue, dlq) = (topology.names.queue("p"), topology.names.dlq("p"));
+        let props = BasicProperties::default().with_headers({
+            let mut h = lapin::types::FieldTable::default();
+            h.insert("type".into(), AMQPValue::LongString("t".into()));
+            h
+        });
+        let mut crashes = 0;
+        loop {
+            let journal = Journal::open(dir.path(), 1 << 20).unwrap();
+            let broker = Embedded::start(&topology, Some(journal));
+            if crashes == 0 {
+                broker
+                    .publish(
+                        &topology.names.exchange(),
+                        "",
+                        props.clone(),
+                        Arc::from(&b"x"[..]),
+                    )
+                    .unwrap()
+                    .wait()
+                    .await
+                    .unwrap();
+            }
+            if broker.depth(&dlq).unwrap().0 == 1 {
+                assert_eq!(broker.depth(&queue).unwrap().0, 0);
+                let letters = broker.browse(&dlq, 10).unwrap();
+                assert_eq!(
+                    crate::codec::header_str(&letters[0].0, "x-first-death-reason").as_deref(),
+                    Some("delivery_limit")
+                );
+                break;
+            }
+            assert!(crashes < 5, "never dead-lettered");
+            let consumer = broker.consume(&queue, 1).unwrap();
+            let d = consumer.next().await.unwrap();
+            assert_eq!(d.redelivered, crashes > 0);
+            broker.sync().await.unwrap();
+            // The crash: nothing is settled or given back.
+            std::mem::forget(d);
+            std::mem::forget(consumer);
+            std::mem::forget(broker);
+            crashes += 1;
+        }
+        // Delivered three times (limit 2): the third return dead-letters it.
+        assert_eq!(crashes, 3);
     }
 }

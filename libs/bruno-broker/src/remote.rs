@@ -107,19 +107,29 @@ pub struct Client {
     http: reqwest::Client,
     base: Arc<str>,
     token: Secret,
+    publish_timeout: Duration,
 }
+
+/// How long a DLQ call may take.
+const DLQ_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn unavailable(e: impl std::fmt::Display) -> PublishError {
     PublishError::Unavailable(format!("embedded broker endpoint: {e}"))
 }
 
 impl Client {
-    /// A client of the endpoint at `url`.
-    pub fn new(url: &str, token: Secret) -> Self {
+    /// A client of the endpoint at `url`; a publish waits at most
+    /// `publish_timeout` for its confirm.
+    pub fn new(url: &str, token: Secret, publish_timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .unwrap_or_default();
         Self {
-            http: reqwest::Client::new(),
+            http,
             base: Arc::from(url.trim_end_matches('/')),
             token,
+            publish_timeout,
         }
     }
 
@@ -133,6 +143,7 @@ impl Client {
     pub async fn ping(&self) -> Result<(), String> {
         let r = self
             .request(reqwest::Method::GET, "/broker/ping")
+            .timeout(Duration::from_secs(5))
             .send()
             .await
             .map_err(|e| e.to_string())?;
@@ -163,17 +174,34 @@ impl Client {
         };
         let r = self
             .request(reqwest::Method::POST, "/broker/publish")
+            .timeout(self.publish_timeout + Duration::from_secs(1))
             .json(&body)
             .send()
             .await
-            .map_err(unavailable)?;
-        match r.status() {
+            .map_err(|e| {
+                if e.is_timeout() {
+                    PublishError::Timeout(self.publish_timeout)
+                } else {
+                    unavailable(e)
+                }
+            })?;
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        match status {
             s if s.is_success() => Ok(()),
-            StatusCode::NOT_FOUND => {
-                Err(PublishError::Returned(r.text().await.unwrap_or_default()))
+            StatusCode::NOT_FOUND => Err(PublishError::Returned(text)),
+            StatusCode::INSUFFICIENT_STORAGE => Err(PublishError::Nacked),
+            StatusCode::GATEWAY_TIMEOUT => Err(PublishError::Timeout(self.publish_timeout)),
+            StatusCode::BAD_REQUEST => {
+                Err(PublishError::Codec(crate::codec::CodecError::Invalid {
+                    name: "message".into(),
+                    reason: text,
+                }))
             }
-            StatusCode::SERVICE_UNAVAILABLE => Err(PublishError::Nacked),
-            s => Err(unavailable(format!("publish answered {s}"))),
+            StatusCode::UNAUTHORIZED => Err(unavailable(
+                "the token was refused (a bruno dev restarted since endpoint.json was read?)",
+            )),
+            s => Err(unavailable(format!("publish answered {s}: {text}"))),
         }
     }
 
@@ -224,6 +252,7 @@ impl Client {
         part: &str,
     ) -> Result<T, DlqError> {
         let r = r
+            .timeout(DLQ_TIMEOUT)
             .send()
             .await
             .map_err(|e| DlqError::Publish(unavailable(e)))?;
@@ -267,6 +296,9 @@ impl Client {
 struct Served {
     broker: Broker,
     token: Arc<str>,
+    /// Ends open inbox streams, so a graceful shutdown need not wait for
+    /// clients to leave.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 fn problem(status: StatusCode, detail: impl std::fmt::Display) -> Response {
@@ -300,11 +332,17 @@ async fn authorize(State(s): State<Served>, request: Request, next: Next) -> Res
     next.run(request).await
 }
 
-/// The endpoint's routes for the embedded `broker`, requiring `token`.
-pub fn router(broker: Broker, token: &Secret) -> axum::Router {
+/// The endpoint's routes for the embedded `broker`, requiring `token`;
+/// open inbox streams end when `stop` fires.
+pub fn router(
+    broker: Broker,
+    token: &Secret,
+    stop: tokio_util::sync::CancellationToken,
+) -> axum::Router {
     let state = Served {
         broker,
         token: Arc::from(token.expose()),
+        stop,
     };
     axum::Router::new()
         .route("/broker/ping", get(|| async { StatusCode::NO_CONTENT }))
@@ -339,6 +377,8 @@ async fn publish(State(s): State<Served>, Json(body): Json<PublishBody>) -> Resp
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e @ PublishError::Returned(_)) => problem(StatusCode::NOT_FOUND, e),
         Err(e @ PublishError::Codec(_)) => problem(StatusCode::BAD_REQUEST, e),
+        Err(e @ PublishError::Nacked) => problem(StatusCode::INSUFFICIENT_STORAGE, e),
+        Err(e @ PublishError::Timeout(_)) => problem(StatusCode::GATEWAY_TIMEOUT, e),
         Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
@@ -395,30 +435,35 @@ async fn inbox(
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e),
     };
     let guard = InboxGuard { embedded, id };
+    let stop = s.stop.clone();
     let first = futures_util::stream::once(async {
         ndjson(&Line {
             ready: true,
             ..Default::default()
         })
     });
-    let rest = futures_util::stream::unfold((consumer, guard), |(consumer, guard)| async move {
-        let line = tokio::select! {
-            next = consumer.next() => {
-                let d = next?;
-                let line = Line {
-                    ready: false,
-                    message: Some(WireMessage {
-                        properties: d.properties.clone(),
-                        body: B64.encode(&d.data),
-                    }),
-                };
-                d.handle.ack();
-                line
-            }
-            _ = tokio::time::sleep(HEARTBEAT) => Line::default(),
-        };
-        Some((ndjson(&line), (consumer, guard)))
-    });
+    let rest = futures_util::stream::unfold(
+        (consumer, guard, stop),
+        |(consumer, guard, stop)| async move {
+            let line = tokio::select! {
+                _ = stop.cancelled() => return None,
+                next = consumer.next() => {
+                    let d = next?;
+                    let line = Line {
+                        ready: false,
+                        message: Some(WireMessage {
+                            properties: d.properties.clone(),
+                            body: B64.encode(&d.data),
+                        }),
+                    };
+                    d.handle.ack();
+                    line
+                }
+                _ = tokio::time::sleep(HEARTBEAT) => Line::default(),
+            };
+            Some((ndjson(&line), (consumer, guard, stop)))
+        },
+    );
     Response::builder()
         .header(axum::http::header::CONTENT_TYPE, "application/x-ndjson")
         .body(axum::body::Body::from_stream(first.chain(rest)))

@@ -228,7 +228,7 @@ pub async fn start_embedded(
     let stop = CancellationToken::new();
     let (endpoint, server) = serve(
         config.embedded_listen,
-        bruno_broker::remote::router(broker.clone(), &token),
+        bruno_broker::remote::router(broker.clone(), &token, stop.clone()),
         stop.clone(),
     )
     .await

@@ -7,13 +7,19 @@
 //! threshold and holds mostly settled messages, so it stays bounded by the
 //! messages actually waiting.
 //!
+//! Deliveries ("taken") and returns are journaled too (not fsynced on their
+//! own), so a message that was being handled when the process died counts
+//! as returned once more after the restart: a message that kills the
+//! process every time reaches the delivery limit and is dead-lettered
+//! instead of crashing every restart.
+//!
 //! Departures are not fsynced on their own: after a crash, a message whose
 //! departure was not yet on disk comes back once more (at-least-once, as a
 //! consumer dying before its ack on RabbitMQ). No confirmed message is lost.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 
@@ -24,6 +30,8 @@ use super::Body;
 
 const ENQUEUE: u8 = b'E';
 const DELETE: u8 = b'D';
+const TAKEN: u8 = b'T';
+const RETURNED: u8 = b'R';
 const FILE: &str = "journal";
 
 /// A message the journal held when it was opened.
@@ -37,6 +45,8 @@ pub struct Record {
     pub props: BasicProperties,
     /// Its body.
     pub body: Body,
+    /// Times it came back unsettled, a crash while it was taken included.
+    pub returns: u32,
 }
 
 enum Op {
@@ -48,6 +58,8 @@ enum Op {
         done: oneshot::Sender<Result<(), String>>,
     },
     Delete(u64),
+    Taken(u64),
+    Returned(u64, u32),
     Sync(oneshot::Sender<Result<(), String>>),
 }
 
@@ -66,11 +78,21 @@ struct Live {
     queue: String,
     props: Vec<u8>,
     body: Body,
+    returns: u32,
+    taken: bool,
 }
 
-fn encode_enqueue(out: &mut Vec<u8>, seq: u64, queue: &str, props: &[u8], body: &[u8]) {
+fn encode_enqueue(
+    out: &mut Vec<u8>,
+    seq: u64,
+    returns: u32,
+    queue: &str,
+    props: &[u8],
+    body: &[u8],
+) {
     out.push(ENQUEUE);
     out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&returns.to_le_bytes());
     let q = queue.as_bytes();
     out.extend_from_slice(&(q.len() as u32).to_le_bytes());
     out.extend_from_slice(q);
@@ -83,6 +105,17 @@ fn encode_enqueue(out: &mut Vec<u8>, seq: u64, queue: &str, props: &[u8], body: 
 fn encode_delete(out: &mut Vec<u8>, seq: u64) {
     out.push(DELETE);
     out.extend_from_slice(&seq.to_le_bytes());
+}
+
+fn encode_taken(out: &mut Vec<u8>, seq: u64) {
+    out.push(TAKEN);
+    out.extend_from_slice(&seq.to_le_bytes());
+}
+
+fn encode_returned(out: &mut Vec<u8>, seq: u64, returns: u32) {
+    out.push(RETURNED);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&returns.to_le_bytes());
 }
 
 struct Reader<'a> {
@@ -98,13 +131,23 @@ impl Reader<'_> {
         Some(s)
     }
     fn u32(&mut self) -> Option<usize> {
+        usize::try_from(self.raw_u32()?).ok()
+    }
+    fn raw_u32(&mut self) -> Option<u32> {
         let b: [u8; 4] = self.take(4)?.try_into().ok()?;
-        usize::try_from(u32::from_le_bytes(b)).ok()
+        Some(u32::from_le_bytes(b))
     }
     fn u64(&mut self) -> Option<u64> {
         let b: [u8; 8] = self.take(8)?.try_into().ok()?;
         Some(u64::from_le_bytes(b))
     }
+}
+
+enum Step {
+    Enqueue(u64, Live),
+    Delete(u64),
+    Taken(u64),
+    Returned(u64, u32),
 }
 
 /// Replay `buf`: the live messages by sequence number, and how many bytes
@@ -119,24 +162,47 @@ fn replay(buf: &[u8]) -> (BTreeMap<u64, Live>, usize) {
             let seq = r.u64()?;
             match kind {
                 ENQUEUE => {
+                    let returns = r.raw_u32()?;
                     let n = r.u32()?;
                     let queue = String::from_utf8(r.take(n)?.to_vec()).ok()?;
                     let n = r.u32()?;
                     let props = r.take(n)?.to_vec();
                     let n = r.u32()?;
                     let body: Body = Arc::from(r.take(n)?);
-                    Some((seq, Some(Live { queue, props, body })))
+                    Some(Step::Enqueue(
+                        seq,
+                        Live {
+                            queue,
+                            props,
+                            body,
+                            returns,
+                            taken: false,
+                        },
+                    ))
                 }
-                DELETE => Some((seq, None)),
+                DELETE => Some(Step::Delete(seq)),
+                TAKEN => Some(Step::Taken(seq)),
+                RETURNED => Some(Step::Returned(seq, r.raw_u32()?)),
                 _ => None,
             }
         })();
         match record {
-            Some((seq, Some(l))) => {
+            Some(Step::Enqueue(seq, l)) => {
                 live.insert(seq, l);
             }
-            Some((seq, None)) => {
+            Some(Step::Delete(seq)) => {
                 live.remove(&seq);
+            }
+            Some(Step::Taken(seq)) => {
+                if let Some(l) = live.get_mut(&seq) {
+                    l.taken = true;
+                }
+            }
+            Some(Step::Returned(seq, returns)) => {
+                if let Some(l) = live.get_mut(&seq) {
+                    l.returns = returns;
+                    l.taken = false;
+                }
             }
             None => break,
         }
@@ -149,7 +215,7 @@ fn write_snapshot(dir: &Path, live: &BTreeMap<u64, Live>) -> io::Result<(File, u
     let tmp = dir.join(format!("{FILE}.tmp"));
     let mut out = Vec::new();
     for (seq, l) in live {
-        encode_enqueue(&mut out, *seq, &l.queue, &l.props, &l.body);
+        encode_enqueue(&mut out, *seq, l.returns, &l.queue, &l.props, &l.body);
     }
     {
         let mut f = File::create(&tmp)?;
@@ -179,7 +245,13 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let (live, good) = replay(&buf);
+        let (mut live, good) = replay(&buf);
+        // Taken and never settled: the process died while handling it.
+        for l in live.values_mut() {
+            if std::mem::take(&mut l.taken) {
+                l.returns = l.returns.saturating_add(1);
+            }
+        }
         if good < buf.len() {
             tracing::warn!(
                 bytes = buf.len() - good,
@@ -194,6 +266,7 @@ impl Journal {
                     queue: l.queue.clone(),
                     props,
                     body: l.body.clone(),
+                    returns: l.returns,
                 }),
                 Err(e) => tracing::warn!(seq, error = %e, "unreadable journaled message skipped"),
             }
@@ -238,6 +311,16 @@ impl Journal {
         let _ = self.tx.send(Op::Delete(seq));
     }
 
+    /// Append "message `seq` was handed to a consumer".
+    pub fn taken(&self, seq: u64) {
+        let _ = self.tx.send(Op::Taken(seq));
+    }
+
+    /// Append "message `seq` came back unsettled, `returns` times so far".
+    pub fn returned(&self, seq: u64, returns: u32) {
+        let _ = self.tx.send(Op::Returned(seq, returns));
+    }
+
     /// Resolves once everything sent before is on disk.
     pub fn sync(&self) -> oneshot::Receiver<Result<(), String>> {
         let (done, rx) = oneshot::channel();
@@ -254,10 +337,11 @@ fn writer(
     rx: mpsc::Receiver<Op>,
     compact_bytes: u64,
 ) {
-    let mut file = BufWriter::with_capacity(1 << 20, file);
+    // Each group is one write of `buf`: no buffering between groups.
+    let mut file = file;
     let mut live_bytes: u64 = live
         .values()
-        .map(|l| (21 + l.queue.len() + l.props.len() + l.body.len()) as u64)
+        .map(|l| (25 + l.queue.len() + l.props.len() + l.body.len()) as u64)
         .sum();
     let mut buf = Vec::new();
     let mut waiting = Vec::new();
@@ -273,16 +357,38 @@ fn writer(
                     body,
                     done,
                 } => {
-                    encode_enqueue(&mut buf, seq, &queue, &props, &body);
-                    live_bytes += (21 + queue.len() + props.len() + body.len()) as u64;
-                    live.insert(seq, Live { queue, props, body });
+                    encode_enqueue(&mut buf, seq, 0, &queue, &props, &body);
+                    live_bytes += (25 + queue.len() + props.len() + body.len()) as u64;
+                    live.insert(
+                        seq,
+                        Live {
+                            queue,
+                            props,
+                            body,
+                            returns: 0,
+                            taken: false,
+                        },
+                    );
                     waiting.push(done);
+                }
+                Op::Taken(seq) => {
+                    encode_taken(&mut buf, seq);
+                    if let Some(l) = live.get_mut(&seq) {
+                        l.taken = true;
+                    }
+                }
+                Op::Returned(seq, returns) => {
+                    encode_returned(&mut buf, seq, returns);
+                    if let Some(l) = live.get_mut(&seq) {
+                        l.returns = returns;
+                        l.taken = false;
+                    }
                 }
                 Op::Delete(seq) => {
                     encode_delete(&mut buf, seq);
                     if let Some(l) = live.remove(&seq) {
                         live_bytes = live_bytes.saturating_sub(
-                            (21 + l.queue.len() + l.props.len() + l.body.len()) as u64,
+                            (25 + l.queue.len() + l.props.len() + l.body.len()) as u64,
                         );
                     }
                 }
@@ -292,17 +398,23 @@ fn writer(
                 break;
             }
         }
-        let result = file
-            .write_all(&buf)
-            .and_then(|()| file.flush())
-            .and_then(|()| {
-                if waiting.is_empty() {
-                    Ok(())
-                } else {
-                    file.get_ref().sync_data()
+        let result = file.write_all(&buf).and_then(|()| {
+            if waiting.is_empty() {
+                Ok(())
+            } else {
+                file.sync_data()
+            }
+        });
+        match &result {
+            Ok(()) => size += buf.len() as u64,
+            // A group written in part (disk full) must not stay in front
+            // of later, confirmed groups: replay would stop at it.
+            Err(_) => {
+                if let Err(e) = file.set_len(size) {
+                    tracing::error!(error = %e, "cannot cut a failed journal write back");
                 }
-            });
-        size += buf.len() as u64;
+            }
+        }
         buf.clear();
         let outcome = result.map_err(|e| e.to_string());
         if let Err(e) = &outcome {
@@ -314,15 +426,14 @@ fn writer(
         if size > compact_bytes && size > 4 * live_bytes {
             match write_snapshot(&dir, &live) {
                 Ok((f, s)) => {
-                    file = BufWriter::with_capacity(1 << 20, f);
+                    file = f;
                     size = s;
                 }
                 Err(e) => tracing::error!(error = %e, "broker journal compaction failed"),
             }
         }
     }
-    let _ = file.flush();
-    let _ = file.get_ref().sync_data();
+    let _ = file.sync_data();
 }
 
 #[cfg(test)]
@@ -369,7 +480,7 @@ mod tests {
         }
         let path = dir.path().join(FILE);
         let mut torn = Vec::new();
-        encode_enqueue(&mut torn, 8, "q", b"{}", b"eight");
+        encode_enqueue(&mut torn, 8, 0, "q", b"{}", b"eight");
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&torn[..torn.len() - 3]).unwrap();
         drop(f);
