@@ -277,7 +277,7 @@ async fn search_bench(h: &Harness, model: &MiniLm) {
     .await;
     let stop_embedded = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let _embedded_fleet = bruno_system_tests::spawn_fleet(
+    let embedded_fleet = bruno_system_tests::spawn_fleet(
         &embedded,
         config(&embedded, dir.path()),
         &["retriever"],
@@ -321,6 +321,8 @@ async fn search_bench(h: &Harness, model: &MiniLm) {
     }
     stop.cancel();
     stop_embedded.cancel();
+    let _ = embedded_fleet.await;
+    embedded.cleanup().await;
     println!(
         "search at {n} chunks, k=5, {queries} queries:\n  in-process LanceDB hybrid query (baseline): p50 {:.2} ms  p99 {:.2} ms\n  in-process embed + query:                   p50 {:.2} ms  p99 {:.2} ms\n  through broker + retriever (request/reply): p50 {:.2} ms  p99 {:.2} ms  ({:.2}x embed+query p50) — goal p50 <= 20, p99 <= 50, <= 1.2x",
         ms(&store_only, 0.5),

@@ -248,16 +248,6 @@ impl Broker {
         }
     }
 
-    /// Which broker this is: `rabbitmq`, `embedded` or `embedded-remote`.
-    pub fn kind(&self) -> &'static str {
-        match &self.inner.transport {
-            Transport::Amqp => "rabbitmq",
-            Transport::Embedded(_) => "embedded",
-            Transport::Remote(_) => "embedded-remote",
-            Transport::SinkOnly => "sink",
-        }
-    }
-
     /// True while a connection with declared topology is up.
     pub fn is_connected(&self) -> bool {
         match &self.inner.transport {

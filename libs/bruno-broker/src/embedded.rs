@@ -656,11 +656,6 @@ impl Embedded {
         self.lock().queues.keys().cloned().collect()
     }
 
-    /// Whether the journal keeps messages across restarts.
-    pub fn journaled(&self) -> bool {
-        self.journal.is_some()
-    }
-
     /// Write everything journaled so far to disk and wait for it.
     pub async fn sync(&self) -> Result<(), Refused> {
         match &self.journal {

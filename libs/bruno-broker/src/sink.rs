@@ -57,11 +57,6 @@ impl Sink {
         }
     }
 
-    /// Where it publishes.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
     /// POST each event (with `traces[i]` as its trace context, when set),
     /// concurrently; returns once the sink accepted every one, or with the
     /// first refusal.

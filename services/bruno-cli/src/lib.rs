@@ -129,6 +129,13 @@ impl LogConfig {
     }
 }
 
+/// Fresh broker metrics, registered in `registry`.
+fn registered_metrics(registry: &mut Registry) -> BrokerMetrics {
+    let metrics = BrokerMetrics::default();
+    metrics.register(registry);
+    metrics
+}
+
 /// A started broker connection with the fleet's topology and its metrics.
 pub fn start_broker(
     config: &BrokerConfig,
@@ -136,8 +143,7 @@ pub fn start_broker(
     registry: &mut Registry,
     cancel: CancellationToken,
 ) -> Broker {
-    let metrics = BrokerMetrics::default();
-    metrics.register(registry);
+    let metrics = registered_metrics(registry);
     let topology = registry::topology(config);
     Broker::start(config.clone(), topology, name, metrics, cancel)
 }
@@ -210,8 +216,7 @@ pub async fn start_embedded(
             "embedded broker restored its journal"
         );
     }
-    let metrics = BrokerMetrics::default();
-    metrics.register(registry);
+    let metrics = registered_metrics(registry);
     let broker = Broker::embedded(
         config.clone(),
         registry::topology(config),
@@ -378,14 +383,12 @@ async fn run_selected(
                 .is_some_and(|u| !u.is_empty())
                 && config.consumers.push_listen.is_some() =>
         {
-            let metrics_handle = BrokerMetrics::default();
-            metrics_handle.register(&mut metrics);
             (
                 Broker::sink_only(
                     config.broker.clone(),
                     registry::topology(&config.broker),
                     &name,
-                    metrics_handle,
+                    registered_metrics(&mut metrics),
                     broker_cancel.clone(),
                 ),
                 None,
