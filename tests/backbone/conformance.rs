@@ -273,6 +273,7 @@ async fn request_reply_gets_the_correlated_answer_and_the_inbox_goes_away(kind: 
                 query: q.into(),
                 k: 1,
                 filters: Default::default(),
+                mode: Default::default(),
             },
         )
     };

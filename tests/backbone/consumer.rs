@@ -409,6 +409,7 @@ async fn one_handler_takes_several_types_with_hooks_and_streamed_outputs(kind: B
             query: "q".into(),
             k: 1,
             filters: Default::default(),
+            mode: Default::default(),
         },
     );
     h.broker

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bruno_cli::{Config, run_parts};
 use bruno_embed::{Embedder, EmbedderInfo, MiniLm, default_model_dir};
-use bruno_embedder::{ChunkingConfig, split};
+use bruno_embedder::{ChunkingConfig, chunk_texts};
 use bruno_events::payload::{
     ChunkRecord, ChunkWrite, DocFormat, DocumentSubmitted, MemoryWrite, SearchCompleted,
     SearchFilters, SearchRequested,
@@ -286,39 +286,57 @@ async fn search_bench(h: &Harness, model: &MiniLm) {
     );
     rx.await.unwrap();
     let mut on_embedded = Histogram::<u64>::new(3).unwrap();
-    let ask_on = |broker: &bruno_broker::Broker, t: &String| {
+    // One reply inbox per broker for all requests, as the gateway and
+    // `bruno eval` have (a one-off inbox per request would add a queue
+    // declaration, binding and consumer to every search).
+    let inbox_stop = CancellationToken::new();
+    let inbox_of = |broker: &bruno_broker::Broker| {
+        bruno_broker::reply::Inbox::start(
+            broker.clone(),
+            vec![SearchCompleted::TYPE.to_owned()],
+            inbox_stop.clone(),
+        )
+    };
+    let (rabbit_inbox, embedded_inbox) = (inbox_of(&h.broker), inbox_of(&embedded.broker));
+    while !(rabbit_inbox.is_ready() && embedded_inbox.is_ready()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ask_on = |broker: &bruno_broker::Broker, inbox: &bruno_broker::reply::Inbox, t: &String| {
         let request = new_event(
             "bench",
             &SearchRequested {
                 query: t.clone(),
                 k: 5,
                 filters: SearchFilters::default(),
+                mode: Default::default(),
             },
         );
-        let broker = broker.clone();
+        let (broker, inbox) = (broker.clone(), inbox.clone());
         async move {
-            bruno_broker::reply::request(
-                &broker,
-                request,
-                &[SearchCompleted::TYPE],
-                Duration::from_secs(30),
-            )
-            .await
+            inbox
+                .request(
+                    &broker,
+                    request,
+                    &[SearchCompleted::TYPE],
+                    Duration::from_secs(30),
+                )
+                .await
         }
     };
-    let ask = |t: &String| ask_on(&h.broker, t);
+    let ask = |t: &String| ask_on(&h.broker, &rabbit_inbox, t);
     for t in texts.iter().take(10) {
         ask(t).await.unwrap(); // warm-up
-        ask_on(&embedded.broker, t).await.unwrap();
+        ask_on(&embedded.broker, &embedded_inbox, t).await.unwrap();
     }
     for t in &texts {
         let s = Instant::now();
         ask(t).await.unwrap();
         service.record(s.elapsed().as_micros() as u64).unwrap();
         let s = Instant::now();
-        ask_on(&embedded.broker, t).await.unwrap();
+        ask_on(&embedded.broker, &embedded_inbox, t).await.unwrap();
         on_embedded.record(s.elapsed().as_micros() as u64).unwrap();
     }
+    inbox_stop.cancel();
     stop.cancel();
     stop_embedded.cancel();
     let _ = embedded_fleet.await;
@@ -359,7 +377,15 @@ async fn end_to_end(h: &Harness, model: &MiniLm) {
     let counter = bruno_embedder::counting_tokenizer(model.tokenizer()).unwrap();
     let chunks: Vec<String> = documents
         .iter()
-        .flat_map(|d| split(&chunking, Some(counter.clone()), d.format, &d.text))
+        .flat_map(|d| {
+            chunk_texts(
+                &chunking,
+                Some(counter.clone()),
+                d.format,
+                d.title.as_deref(),
+                &d.text,
+            )
+        })
         .collect();
     let started = Instant::now();
     for batch in chunks.chunks(chunking.batch_size) {

@@ -52,18 +52,8 @@ pub async fn request(
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (correlation, mut registration) =
-            inbox.send(broker, request).await.map_err(broker_err)?;
-        loop {
-            match tokio::time::timeout_at(deadline, registration.replies.recv()).await {
-                Err(_) => return Err(RequestError::Timeout(timeout, correlation.clone())),
-                Ok(None) | Ok(Some(Reply::Lost)) => {
-                    return Err(RequestError::Broker("connection lost".into()));
-                }
-                Ok(Some(Reply::Event(e))) if reply_types.contains(&e.ty()) => return Ok(*e),
-                Ok(Some(Reply::Event(_))) => continue,
-            }
-        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        inbox.request(broker, request, reply_types, left).await
     }
     .await;
     stop.cancel();
@@ -197,6 +187,31 @@ impl Inbox {
         let registration = self.register(&correlation);
         broker.publish(&request).await?;
         Ok((correlation, registration))
+    }
+
+    /// Send `request` through this inbox ([`Inbox::send`]) and return the
+    /// first reply of one of `reply_types`, or time out. The inbox must be
+    /// ready ([`Inbox::is_ready`]); one inbox serves any number of requests.
+    pub async fn request(
+        &self,
+        broker: &Broker,
+        request: Event,
+        reply_types: &[&str],
+        timeout: Duration,
+    ) -> Result<Event, RequestError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (correlation, mut registration) =
+            self.send(broker, request).await.map_err(broker_err)?;
+        loop {
+            match tokio::time::timeout_at(deadline, registration.replies.recv()).await {
+                Err(_) => return Err(RequestError::Timeout(timeout, correlation)),
+                Ok(None) | Ok(Some(Reply::Lost)) => {
+                    return Err(RequestError::Broker("connection lost".into()));
+                }
+                Ok(Some(Reply::Event(e))) if reply_types.contains(&e.ty()) => return Ok(*e),
+                Ok(Some(Reply::Event(_))) => continue,
+            }
+        }
     }
 
     /// The bindings an inbox needs: `{type, replyto = id}` per reply type.

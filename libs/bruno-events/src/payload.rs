@@ -217,6 +217,39 @@ pub struct SearchRequested {
     /// Metadata filters.
     #[serde(default)]
     pub filters: SearchFilters,
+    /// Which ranking: both legs fused (the default), or one alone (to
+    /// measure each leg, as `bruno eval --mode` does).
+    #[serde(default, skip_serializing_if = "SearchMode::is_hybrid")]
+    pub mode: SearchMode,
+}
+
+/// How a search ranks chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    /// Vector similarity and BM25 fused (what chat turns use).
+    #[default]
+    Hybrid,
+    /// Vector similarity alone.
+    Vector,
+    /// BM25 full-text alone.
+    Text,
+}
+
+impl SearchMode {
+    /// The default mode.
+    pub fn is_hybrid(&self) -> bool {
+        *self == Self::Hybrid
+    }
+
+    /// The mode's name, as in the payload.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Hybrid => "hybrid",
+            Self::Vector => "vector",
+            Self::Text => "text",
+        }
+    }
 }
 
 /// One retrieved chunk.

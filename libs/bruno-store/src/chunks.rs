@@ -16,7 +16,8 @@ use lancedb::{Connection, DistanceType, Table};
 
 use crate::sql::{in_list, quote};
 use crate::{
-    EmbedderInfo, META_DIMENSION, META_MODEL, StoreConfig, StoreError, embedder_label, open_checked,
+    EmbedderInfo, Fusion, META_DIMENSION, META_MODEL, Ranking, SearchMode, StoreConfig, StoreError,
+    embedder_label, open_checked,
 };
 
 /// The table's name.
@@ -102,7 +103,7 @@ pub struct Hit {
     pub source: String,
     /// Chunk text.
     pub text: String,
-    /// Fused RRF score (higher is better).
+    /// Fused score (higher is better; see [`crate::Ranking`]).
     pub score: f32,
 }
 
@@ -158,6 +159,10 @@ fn stale_filter(docs: &[DocumentWrite]) -> String {
         in_list("doc_id", &doc_ids),
         in_list("id", &chunk_ids)
     )
+}
+
+fn ids_of(ranked: Vec<(String, f32)>) -> Vec<String> {
+    ranked.into_iter().map(|(id, _)| id).collect()
 }
 
 fn strings<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a StringArray, StoreError> {
@@ -409,8 +414,7 @@ impl Chunks {
         Ok(query.execute().await?.try_collect().await?)
     }
 
-    /// Hybrid search: the `candidates` best chunks by vector and by BM25,
-    /// fused by RRF (k = 60), then `k` of them picked by MMR (λ = 0.7).
+    /// Hybrid search with the default [`Ranking`].
     pub async fn search(
         &self,
         query_vector: &[f32],
@@ -418,7 +422,31 @@ impl Chunks {
         k: usize,
         filters: &SearchFilters,
     ) -> Result<Vec<Hit>, StoreError> {
-        let search = self.search_untraced(query_vector, query_text, k, filters);
+        self.search_ranked(
+            query_vector,
+            query_text,
+            k,
+            filters,
+            SearchMode::Hybrid,
+            &Ranking::default(),
+        )
+        .await
+    }
+
+    /// Search: the best candidates by vector and by BM25 (or by one alone,
+    /// per `mode`), fused by their scaled scores or by weighted RRF, each
+    /// chunk lifted by a share of its document's other candidates, then `k`
+    /// picked by MMR (all per `ranking`; docs/retrieval.md measured them).
+    pub async fn search_ranked(
+        &self,
+        query_vector: &[f32],
+        query_text: &str,
+        k: usize,
+        filters: &SearchFilters,
+        mode: SearchMode,
+        ranking: &Ranking,
+    ) -> Result<Vec<Hit>, StoreError> {
+        let search = self.search_untraced(query_vector, query_text, k, filters, mode, ranking);
         crate::traced(
             "hybrid_search",
             "chunks",
@@ -434,6 +462,8 @@ impl Chunks {
         query_text: &str,
         k: usize,
         filters: &SearchFilters,
+        mode: SearchMode,
+        ranking: &Ranking,
     ) -> Result<Vec<Hit>, StoreError> {
         if query_vector.len() != self.embedder.dimension as usize {
             return Err(StoreError::InvalidRow(format!(
@@ -442,22 +472,28 @@ impl Chunks {
                 self.embedder.dimension
             )));
         }
-        let candidates = (k * 4).max(20);
+        let candidates = ranking.candidates(k);
         let columns = ["id", "doc_id", "source", "title", "text", "vector"];
-        let mut vector_query = self
-            .table
-            .query()
-            .nearest_to(query_vector)?
-            .column("vector")
-            .distance_type(DistanceType::Cosine)
-            .limit(candidates)
-            .select(Select::columns(&[&columns[..], &["_distance"]].concat()));
-        if let Some(p) = filters.predicate() {
-            vector_query = vector_query.only_if(p);
-        }
+        let vector_leg = async {
+            if mode == SearchMode::Text {
+                return Ok(Vec::new());
+            }
+            let mut vector_query = self
+                .table
+                .query()
+                .nearest_to(query_vector)?
+                .column("vector")
+                .distance_type(DistanceType::Cosine)
+                .limit(candidates)
+                .select(Select::columns(&[&columns[..], &["_distance"]].concat()));
+            if let Some(p) = filters.predicate() {
+                vector_query = vector_query.only_if(p);
+            }
+            Self::collect(vector_query).await
+        };
         // The two legs run concurrently: each is its own LanceDB scan.
         let text_leg = async {
-            if query_text.trim().is_empty() {
+            if mode == SearchMode::Vector || query_text.trim().is_empty() {
                 return Ok(Vec::new());
             }
             let mut text_query = self
@@ -471,52 +507,89 @@ impl Chunks {
             }
             Self::collect(text_query).await
         };
-        let (vector_batches, text_batches) =
-            futures_util::try_join!(Self::collect(vector_query), text_leg)?;
+        let (vector_batches, text_batches) = futures_util::try_join!(vector_leg, text_leg)?;
 
         // Rows by id, and each leg's ranking.
         let mut rows: HashMap<String, (Hit, Vec<f32>)> = HashMap::new();
-        let mut rank_of = |batches: &[RecordBatch]| -> Result<Vec<String>, StoreError> {
-            let mut ranked = Vec::new();
-            for batch in batches {
-                let ids = strings(batch, "id")?;
-                let doc_ids = strings(batch, "doc_id")?;
-                let sources = strings(batch, "source")?;
-                let titles = strings(batch, "title")?;
-                let texts = strings(batch, "text")?;
-                let vectors = batch
-                    .column_by_name("vector")
-                    .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
-                    .ok_or_else(|| StoreError::Corrupt(format!("{TABLE}.vector")))?;
-                for i in 0..batch.num_rows() {
-                    let id = ids.value(i).to_owned();
-                    ranked.push(id.clone());
-                    rows.entry(id.clone()).or_insert_with(|| {
-                        let values = vectors.value(i);
-                        let vector = values
-                            .as_any()
-                            .downcast_ref::<Float32Array>()
-                            .map(|a| a.values().to_vec())
-                            .unwrap_or_default();
-                        let hit = Hit {
-                            chunk_id: id,
-                            doc_id: doc_ids.value(i).to_owned(),
-                            title: (!titles.is_null(i)).then(|| titles.value(i).to_owned()),
-                            source: sources.value(i).to_owned(),
-                            text: texts.value(i).to_owned(),
-                            score: 0.0,
+        // Each leg's ids, best first, with the leg's own relevance (cosine
+        // similarity, BM25), higher is better.
+        let mut rank_of =
+            |batches: &[RecordBatch], column: &str| -> Result<Vec<(String, f32)>, StoreError> {
+                let mut ranked = Vec::new();
+                for batch in batches {
+                    let relevance = batch
+                        .column_by_name(column)
+                        .and_then(|c| c.as_any().downcast_ref::<Float32Array>())
+                        .ok_or_else(|| StoreError::Corrupt(format!("{TABLE}.{column}")))?;
+                    let ids = strings(batch, "id")?;
+                    let doc_ids = strings(batch, "doc_id")?;
+                    let sources = strings(batch, "source")?;
+                    let titles = strings(batch, "title")?;
+                    let texts = strings(batch, "text")?;
+                    let vectors = batch
+                        .column_by_name("vector")
+                        .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+                        .ok_or_else(|| StoreError::Corrupt(format!("{TABLE}.vector")))?;
+                    for i in 0..batch.num_rows() {
+                        let id = ids.value(i).to_owned();
+                        let value = relevance.value(i);
+                        // Cosine distance is 0..=2; similarity is 1 - distance.
+                        let value = if column == "_distance" {
+                            1.0 - value
+                        } else {
+                            value
                         };
-                        (hit, vector)
-                    });
+                        ranked.push((id.clone(), value));
+                        rows.entry(id.clone()).or_insert_with(|| {
+                            let values = vectors.value(i);
+                            let vector = values
+                                .as_any()
+                                .downcast_ref::<Float32Array>()
+                                .map(|a| a.values().to_vec())
+                                .unwrap_or_default();
+                            let hit = Hit {
+                                chunk_id: id,
+                                doc_id: doc_ids.value(i).to_owned(),
+                                title: (!titles.is_null(i)).then(|| titles.value(i).to_owned()),
+                                source: sources.value(i).to_owned(),
+                                text: texts.value(i).to_owned(),
+                                score: 0.0,
+                            };
+                            (hit, vector)
+                        });
+                    }
                 }
-            }
-            Ok(ranked)
+                Ok(ranked)
+            };
+        let by_vector = rank_of(&vector_batches, "_distance")?;
+        let by_text = rank_of(&text_batches, "_score")?;
+        let fused = match ranking.fusion {
+            Fusion::Rrf => crate::rrf_weighted(
+                &[
+                    (ids_of(by_vector), ranking.vector_weight),
+                    (ids_of(by_text), ranking.text_weight),
+                ],
+                ranking.rrf_k,
+            ),
+            Fusion::Scores => crate::rank::fuse_scores(&[
+                (by_vector, ranking.vector_weight),
+                (by_text, ranking.text_weight),
+            ]),
+            Fusion::MinMax => crate::rank::fuse_min_max(&[
+                (by_vector, ranking.vector_weight),
+                (by_text, ranking.text_weight),
+            ]),
         };
-        let by_vector = rank_of(&vector_batches)?;
-        let by_text = rank_of(&text_batches)?;
-        let fused = crate::rrf(&[by_vector, by_text], 60.0);
-        let best = fused.first().map(|(_, s)| *s).unwrap_or(1.0);
-        let pool: Vec<(String, f32)> = fused.into_iter().take(candidates).collect();
+        let mut pool: Vec<(String, f32)> = fused.into_iter().take(candidates).collect();
+        if ranking.document_share > 0.0 {
+            let doc_of = |id: &str| rows.get(id).map(|(h, _)| h.doc_id.as_str());
+            crate::rank::share_with_document(&mut pool, doc_of, ranking.document_share);
+        }
+        let best = pool
+            .first()
+            .map(|(_, s)| *s)
+            .filter(|s| *s > 0.0)
+            .unwrap_or(1.0);
         let cands: Vec<(usize, f32, &[f32])> = pool
             .iter()
             .enumerate()
@@ -524,7 +597,7 @@ impl Chunks {
                 rows.get(id).map(|(_, v)| (i, score / best, v.as_slice()))
             })
             .collect();
-        let picked = crate::mmr(&cands, k, 0.7);
+        let picked = crate::mmr(&cands, k, ranking.mmr_lambda);
         Ok(picked
             .into_iter()
             .filter_map(|i| {

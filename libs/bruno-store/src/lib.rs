@@ -10,8 +10,9 @@
 //! Writes are idempotent: rows are keyed by deterministic ids and upserted
 //! with one `merge_insert` per batch, which also deletes the stale chunks of
 //! the documents in the batch. Searches are hybrid: a vector leg and a
-//! full-text (BM25) leg fused by Reciprocal Rank Fusion, then an MMR step
-//! for diversity. Filter values are always quoted and escaped, never spliced.
+//! full-text (BM25) leg fused by their scaled scores (or by Reciprocal Rank
+//! Fusion), optionally an MMR step for diversity (`Ranking`). Filter values
+//! are always quoted and escaped, never spliced.
 #![forbid(unsafe_code)]
 
 mod chunks;
@@ -22,6 +23,7 @@ mod sql;
 use std::time::Duration;
 
 pub use bruno_events::payload::EmbedderInfo;
+pub use bruno_events::payload::SearchMode;
 pub use chunks::{ChunkRow, Chunks, DocumentWrite, Hit, SearchFilters, WriteOutcome};
 pub use conversations::{Conversations, TurnRow};
 use lancedb::arrow::arrow_schema::SchemaRef;
@@ -29,7 +31,7 @@ use lancedb::database::CreateTableMode;
 use lancedb::index::Index;
 use lancedb::index::scalar::FtsIndexBuilder;
 use lancedb::{Connection, Table};
-pub use rank::{mmr, rrf};
+pub use rank::{Fusion, Ranking, fuse_min_max, fuse_scores, mmr, rrf, rrf_weighted};
 use serde::Deserialize;
 pub use sql::quote;
 

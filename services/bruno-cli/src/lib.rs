@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub mod backup;
+pub mod eval;
 pub mod ingest;
 pub mod registry;
 
@@ -113,7 +114,8 @@ impl Default for AdminConfig {
 pub struct LogConfig {
     /// JSON lines instead of text.
     pub json: bool,
-    /// Filter when `RUST_LOG` is unset. Default: `info,lapin=warn` for the
+    /// Filter when `RUST_LOG` is unset. Default: `info,lapin=warn,lance=warn`
+    /// (LanceDB logs two INFO lines per search leg and more per commit) for the
     /// parts (`bruno dev`, `bruno <part>`), `warn` for one-shot commands.
     pub filter: Option<String>,
 }
@@ -121,7 +123,11 @@ pub struct LogConfig {
 impl LogConfig {
     /// The settings for a process that runs parts (`serving`) or a one-shot command.
     pub fn settings(&self, serving: bool) -> bruno_runtime::telemetry::LogSettings {
-        let default = if serving { "info,lapin=warn" } else { "warn" };
+        let default = if serving {
+            "info,lapin=warn,lance=warn"
+        } else {
+            "warn"
+        };
         bruno_runtime::telemetry::LogSettings {
             json: self.json,
             filter: self.filter.clone().unwrap_or_else(|| default.to_owned()),

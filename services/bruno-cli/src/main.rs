@@ -86,10 +86,35 @@ enum Command {
         /// Only this document.
         #[arg(long)]
         doc_id: Option<String>,
+        /// Which ranking: hybrid, or one leg alone.
+        #[arg(long, value_enum, default_value_t = EvalMode::Hybrid)]
+        mode: EvalMode,
         /// Seconds to wait for the retriever.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure retrieval on a labelled query set (JSON Lines of
+    /// {"query": ..., "relevant": [doc ids]}) through the fleet: MRR@10,
+    /// nDCG@10, Recall@1/5/10 and latency, at document and chunk level.
+    Eval {
+        /// The queries file.
+        queries: PathBuf,
+        /// Which ranking to measure: hybrid, or one leg alone.
+        #[arg(long, value_enum, default_value_t = EvalMode::Hybrid)]
+        mode: EvalMode,
+        /// Chunks asked for per query.
+        #[arg(short, long, default_value_t = 10)]
+        k: u32,
+        /// Searches in flight (1 measures latency without queueing).
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Seconds one search may take.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Print a JSON report (with every query's ranks) instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -256,6 +281,24 @@ enum EventsCommand {
     Schema { r#type: String },
     /// Print the AsyncAPI document of the whole catalogue.
     Asyncapi,
+}
+
+/// `--mode` of `bruno search` and `bruno eval`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EvalMode {
+    Hybrid,
+    Vector,
+    Text,
+}
+
+impl From<EvalMode> for bruno_events::payload::SearchMode {
+    fn from(m: EvalMode) -> Self {
+        match m {
+            EvalMode::Hybrid => Self::Hybrid,
+            EvalMode::Vector => Self::Vector,
+            EvalMode::Text => Self::Text,
+        }
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -475,11 +518,58 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Eval {
+            queries,
+            mode,
+            k,
+            concurrency,
+            timeout,
+            json,
+        } => {
+            use bruno_cli::eval;
+            anyhow::ensure!((1..=100).contains(&k), "--k must be within 1..=100");
+            let text = std::fs::read_to_string(&queries)
+                .with_context(|| format!("{}", queries.display()))?;
+            let set = eval::parse(&text, &queries.display().to_string())?;
+            let (broker, cancel) = connect_for_tool(&config).await?;
+            let bar = if json {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new(set.len() as u64)
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} queries {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let settings = eval::Settings {
+                mode: mode.into(),
+                k,
+                concurrency,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            let report = eval::run(&broker, &set, &settings, || bar.inc(1)).await;
+            bar.finish_and_clear();
+            cancel.cancel();
+            let report = report?;
+            if json {
+                print_json(&report)?;
+            } else {
+                print!("{}", eval::table(&report));
+            }
+            anyhow::ensure!(
+                report.failed == 0,
+                "{} of {} searches got no answer (is the retriever running?)",
+                report.failed,
+                report.queries
+            );
+            Ok(())
+        }
         Command::Search {
             query,
             k,
             source,
             doc_id,
+            mode,
             timeout,
             json,
         } => {
@@ -489,6 +579,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 query,
                 k,
                 filters: SearchFilters { source, doc_id },
+                mode: mode.into(),
             };
             request.check().map_err(|e| anyhow::anyhow!("{e}"))?;
             let (broker, cancel) = connect_for_tool(&config).await?;

@@ -271,6 +271,11 @@ static PARTS: &[PartEntry] = &[
             let metrics = RetrieverMetrics::default();
             metrics.register(b.metrics);
             let config = b.config;
+            config
+                .retriever
+                .ranking
+                .check()
+                .map_err(anyhow::Error::msg)?;
             let handler = Retriever::new(b.model()?, b.store()?, config.retriever.clone(), metrics);
             Ok(b.consumer("retriever", config.consumers.retriever, handler))
         },

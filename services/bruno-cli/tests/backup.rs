@@ -311,6 +311,7 @@ async fn restore_drill_brings_back_every_row_of_the_backed_up_version() {
                 query: "restart the vorpalite service number 7".into(),
                 k: 3,
                 filters: SearchFilters::default(),
+                mode: Default::default(),
             },
         ),
         &[SearchCompleted::TYPE],

@@ -148,6 +148,7 @@ async fn search(
             query: query.into(),
             k,
             filters,
+            mode: Default::default(),
         },
     );
     let reply = bruno_broker::reply::request(

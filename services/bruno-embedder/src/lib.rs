@@ -52,6 +52,10 @@ pub struct ChunkingConfig {
     pub max_document_bytes: usize,
     /// Skip a document whose content hash equals the stored one.
     pub skip_unchanged: bool,
+    /// Begin each chunk with its context, the document's title and the
+    /// markdown headings it sits under (`Title › Section › Subsection`), so
+    /// that both the embedding and the full-text index see it.
+    pub context: bool,
 }
 
 impl Default for ChunkingConfig {
@@ -63,6 +67,7 @@ impl Default for ChunkingConfig {
             rows_per_message: 64,
             max_document_bytes: 8 << 20,
             skip_unchanged: true,
+            context: true,
         }
     }
 }
@@ -169,15 +174,133 @@ pub fn split(
     format: DocFormat,
     text: &str,
 ) -> Vec<String> {
-    let chunks: Vec<String> = match splitter(config, counter, format) {
-        Ok(Splitter::Text(s)) => s.chunks(text).map(str::to_owned).collect(),
-        Ok(Splitter::Markdown(s)) => s.chunks(text).map(str::to_owned).collect(),
+    split_at(config, counter, format, text)
+        .into_iter()
+        .map(|(_, c)| c.to_owned())
+        .collect()
+}
+
+/// Chunks with their byte offsets in `text`.
+fn split_at<'t>(
+    config: &ChunkingConfig,
+    counter: Option<Arc<Tokenizer>>,
+    format: DocFormat,
+    text: &'t str,
+) -> Vec<(usize, &'t str)> {
+    let chunks: Vec<(usize, &str)> = match splitter(config, counter, format) {
+        Ok(Splitter::Text(s)) => s.chunk_indices(text).collect(),
+        Ok(Splitter::Markdown(s)) => s.chunk_indices(text).collect(),
         // Unreachable with sane config; fall back to one chunk rather than lose the text.
-        Err(_) => vec![text.to_owned()],
+        Err(_) => vec![(0, text)],
     };
     chunks
         .into_iter()
-        .filter(|c| !c.trim().is_empty())
+        .filter(|(_, c)| !c.trim().is_empty())
+        .collect()
+}
+
+/// Longest context line, in characters.
+const MAX_CONTEXT_CHARS: usize = 160;
+
+/// The markdown headings in force at each byte offset of `text`: for each
+/// heading line outside code fences, its start offset, level and text.
+fn headings(text: &str) -> Vec<(usize, usize, &str)> {
+    let mut out = Vec::new();
+    let mut fence: Option<&str> = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let start = offset;
+        offset += line.len();
+        let trimmed = line.trim();
+        let marker = ["```", "~~~"].into_iter().find(|m| trimmed.starts_with(m));
+        match (fence, marker) {
+            (Some(open), Some(m)) if m == open => fence = None,
+            (None, Some(m)) => fence = Some(m),
+            (None, None) => {
+                let level = trimmed.chars().take_while(|c| *c == '#').count();
+                if (1..=6).contains(&level)
+                    && let Some(rest) = trimmed[level..].strip_prefix(' ')
+                {
+                    let heading = rest.trim().trim_end_matches('#').trim();
+                    if !heading.is_empty() {
+                        out.push((start, level, heading));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `Title › Section › Subsection` for a chunk starting at `offset`: the
+/// title, then the headings it sits under (the title's own `# heading` and
+/// a heading the chunk itself begins with are not repeated).
+fn context_line(
+    title: Option<&str>,
+    headings: &[(usize, usize, &str)],
+    offset: usize,
+    chunk: &str,
+) -> String {
+    let mut path: Vec<(usize, &str)> = Vec::new();
+    for &(_, level, heading) in headings.iter().take_while(|(at, _, _)| *at < offset) {
+        path.retain(|(l, _)| *l < level);
+        path.push((level, heading));
+    }
+    let first_line = chunk.lines().next().unwrap_or("").trim();
+    // A chunk that opens with a heading starts that section: the headings
+    // of its level and below above it are a sibling's, not its context.
+    let opens = first_line.chars().take_while(|c| *c == '#').count();
+    if (1..=6).contains(&opens) && first_line[opens..].starts_with(' ') {
+        path.retain(|(l, _)| *l < opens);
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    // A chunk that opens with the title's own heading needs no title line.
+    if let Some(t) = title
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !first_line.ends_with(t))
+    {
+        parts.push(t);
+    }
+    for (_, heading) in path {
+        if parts.last() != Some(&heading) && !first_line.ends_with(heading) {
+            parts.push(heading);
+        }
+    }
+    let line = parts.join(" › ");
+    match line.char_indices().nth(MAX_CONTEXT_CHARS) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
+}
+
+/// The texts a document's chunks are stored, embedded and indexed as:
+/// each chunk, preceded by its context line when `config.context` is on.
+pub fn chunk_texts(
+    config: &ChunkingConfig,
+    counter: Option<Arc<Tokenizer>>,
+    format: DocFormat,
+    title: Option<&str>,
+    text: &str,
+) -> Vec<String> {
+    let chunks = split_at(config, counter, format, text);
+    if !config.context {
+        return chunks.into_iter().map(|(_, c)| c.to_owned()).collect();
+    }
+    let marks = match format {
+        DocFormat::Markdown => headings(text),
+        DocFormat::Text => Vec::new(),
+    };
+    chunks
+        .into_iter()
+        .map(|(offset, chunk)| {
+            let context = context_line(title, &marks, offset, chunk);
+            if context.is_empty() {
+                chunk.to_owned()
+            } else {
+                format!("{context}\n\n{chunk}")
+            }
+        })
         .collect()
 }
 
@@ -194,6 +317,11 @@ pub fn content_hash(doc: &DocumentSubmitted, config: &ChunkingConfig) -> String 
         },
         &config.chunk_tokens.to_string(),
         &config.overlap_tokens.to_string(),
+        if config.context {
+            "context:1"
+        } else {
+            "context:0"
+        },
         doc.text.as_str(),
     ] {
         h.update((part.len() as u64).to_le_bytes());
@@ -330,10 +458,13 @@ impl EmbedderService {
         let config = self.config.clone();
         let counter = self.counter.clone();
         let text = doc.text.clone();
+        let title = doc.title.clone();
         let format = doc.format;
-        let texts = tokio::task::spawn_blocking(move || split(&config, counter, format, &text))
-            .await
-            .map_err(|e| HandlerError::internal(format!("splitter: {e}")))?;
+        let texts = tokio::task::spawn_blocking(move || {
+            chunk_texts(&config, counter, format, title.as_deref(), &text)
+        })
+        .await
+        .map_err(|e| HandlerError::internal(format!("splitter: {e}")))?;
         let vectors = self.embed(&texts).await?;
         let chunk_ids: Vec<String> = (0..texts.len())
             .map(|i| chunk_id(&doc.doc_id, &hash, i))
@@ -433,5 +564,111 @@ impl Handler for EmbedderService {
             EmbedderInput::Document(doc) => self.document(&input.event, doc, ctx).await,
             EmbedderInput::Turn(done) => self.turn(&input.event, done, ctx).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(context: bool) -> ChunkingConfig {
+        ChunkingConfig {
+            chunk_tokens: 24,
+            overlap_tokens: 0,
+            context,
+            ..ChunkingConfig::default()
+        }
+    }
+
+    const DOC: &str = "# Guide\n\nIntro words that open the guide.\n\n## Install\n\nRun the installer with the defaults and wait.\n\n```sh\n# not a heading\necho hi\n```\n\n### On Linux\n\nUse the package from the distribution archive.\n\n## Use\n\nOpen the app and pick a project to work on.\n";
+
+    #[test]
+    fn headings_skip_code_fences() {
+        let found: Vec<(usize, &str)> = headings(DOC).into_iter().map(|(_, l, h)| (l, h)).collect();
+        assert_eq!(
+            found,
+            vec![(1, "Guide"), (2, "Install"), (3, "On Linux"), (2, "Use")]
+        );
+    }
+
+    #[test]
+    fn chunks_carry_the_title_and_the_headings_above_them() {
+        let texts = chunk_texts(&config(true), None, DocFormat::Markdown, Some("Guide"), DOC);
+        let plain = chunk_texts(
+            &config(false),
+            None,
+            DocFormat::Markdown,
+            Some("Guide"),
+            DOC,
+        );
+        assert_eq!(
+            texts.len(),
+            plain.len(),
+            "context does not change the split"
+        );
+        assert!(texts.len() >= 4, "{texts:#?}");
+        for (with, without) in texts.iter().zip(&plain) {
+            assert!(
+                with.starts_with("Guide") || with.starts_with("# Guide"),
+                "{with}"
+            );
+            assert!(with.ends_with(without.as_str()), "{with} / {without}");
+        }
+        let linux = texts
+            .iter()
+            .find(|t| t.contains("distribution archive"))
+            .expect("a chunk of the Linux section");
+        assert!(
+            linux.starts_with("Guide › Install › On Linux\n\n")
+                || linux.starts_with("Guide › Install\n\n"),
+            "{linux}"
+        );
+        let usage = texts
+            .iter()
+            .find(|t| t.contains("pick a project"))
+            .expect("a chunk of the Use section");
+        assert!(
+            !usage.contains("Install"),
+            "a sibling section is not context: {usage}"
+        );
+        // The title's own `# heading` is not repeated.
+        assert!(texts[0].starts_with("# Guide\n"), "{}", texts[0]);
+    }
+
+    #[test]
+    fn plain_text_gets_the_title_only_and_long_context_is_cut() {
+        let texts = chunk_texts(
+            &config(true),
+            None,
+            DocFormat::Text,
+            Some("Notes"),
+            "# not markdown here\n\nsome words",
+        );
+        assert_eq!(
+            texts,
+            vec!["Notes\n\n# not markdown here\n\nsome words".to_owned()]
+        );
+        let long = "t".repeat(500);
+        let texts = chunk_texts(&config(true), None, DocFormat::Text, Some(&long), "words");
+        let line = texts[0].lines().next().unwrap_or_default();
+        assert_eq!(line.chars().count(), MAX_CONTEXT_CHARS + 1);
+        let untitled = chunk_texts(&config(true), None, DocFormat::Text, None, "words");
+        assert_eq!(untitled, vec!["words".to_owned()]);
+    }
+
+    #[test]
+    fn the_content_hash_changes_with_the_context_setting() {
+        let doc = DocumentSubmitted {
+            doc_id: "d".into(),
+            source: "s".into(),
+            title: Some("T".into()),
+            text: "words".into(),
+            format: DocFormat::Text,
+            metadata: Default::default(),
+        };
+        assert_ne!(
+            content_hash(&doc, &config(true)),
+            content_hash(&doc, &config(false))
+        );
     }
 }

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bruno_events::EventData;
-use bruno_events::payload::{ChatRequested, SearchFilters, SearchRequested};
+use bruno_events::payload::{ChatRequested, SearchFilters, SearchMode, SearchRequested};
 use bruno_runtime::Problem;
 use http::{HeaderMap, HeaderValue};
 use serde::Deserialize;
@@ -42,6 +42,8 @@ struct SearchBody {
     k: Option<u32>,
     #[serde(default)]
     filters: SearchFilters,
+    #[serde(default)]
+    mode: SearchMode,
 }
 
 /// Admit and parse a `/v1/chat` or `/v1/chat/stream` body, and publish the turn.
@@ -119,7 +121,7 @@ pub(crate) async fn search(
         gw.admit(&headers)?;
         let b: SearchBody = parse(&body)?;
         gw.check_text("query", &b.query)?;
-        let request = SearchRequested { query: b.query, k: b.k.unwrap_or(5), filters: b.filters };
+        let request = SearchRequested { query: b.query, k: b.k.unwrap_or(5), filters: b.filters, mode: b.mode };
         request.check()?;
         let mut pending = gw.send(&request, gw.config.search_timeout_ms).await?;
         loop {

@@ -19,11 +19,11 @@ use std::time::Instant;
 use bruno_embed::{AnyEmbedder, Embedder};
 use bruno_events::payload::{
     ChatContextualized, ChatFailed, ChatRequested, MemoryTurn, QuestionVector, SearchCompleted,
-    SearchFilters, SearchHit, SearchRequested,
+    SearchFilters, SearchHit, SearchMode, SearchRequested,
 };
 use bruno_events::{Event, reply_event};
 use bruno_runtime::{Context, Handler, HandlerError, Incoming};
-use bruno_store::{Chunks, Conversations, Store, TurnRow};
+use bruno_store::{Chunks, Conversations, Ranking, Store, TurnRow};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
@@ -39,6 +39,8 @@ pub struct RetrieverConfig {
     pub memory_recent: usize,
     /// Earlier turns of the session nearest to the question.
     pub memory_related: usize,
+    /// How chunks are ranked (`[retriever.ranking]`).
+    pub ranking: Ranking,
 }
 
 impl Default for RetrieverConfig {
@@ -47,6 +49,7 @@ impl Default for RetrieverConfig {
             chat_k: 4,
             memory_recent: 6,
             memory_related: 4,
+            ranking: Ranking::default(),
         }
     }
 }
@@ -146,6 +149,7 @@ impl Retriever {
         query: &str,
         k: usize,
         filters: &SearchFilters,
+        mode: SearchMode,
     ) -> Result<Vec<SearchHit>, HandlerError> {
         let Some(chunks) = self.chunks().await? else {
             return Ok(Vec::new());
@@ -154,7 +158,9 @@ impl Retriever {
             source: filters.source.clone(),
             doc_id: filters.doc_id.clone(),
         };
-        let hits = chunks.search(vector, query, k, &filters).await?;
+        let hits = chunks
+            .search_ranked(vector, query, k, &filters, mode, &self.config.ranking)
+            .await?;
         Ok(hits
             .into_iter()
             .map(|h| SearchHit {
@@ -168,16 +174,17 @@ impl Retriever {
             .collect())
     }
 
-    /// Embed `query` and run the hybrid search (what `search.requested` does).
+    /// Embed `query` and search (what `search.requested` does).
     pub async fn search(
         &self,
         query: &str,
         k: usize,
         filters: &SearchFilters,
+        mode: SearchMode,
     ) -> Result<Vec<SearchHit>, HandlerError> {
         let started = Instant::now();
         let vector = self.embed_query(query).await?;
-        let hits = self.hits(&vector, query, k, filters).await?;
+        let hits = self.hits(&vector, query, k, filters, mode).await?;
         self.metrics
             .search_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -235,7 +242,13 @@ impl Retriever {
             )?;
             let no_filters = SearchFilters::default();
             let (passages, related) = tokio::try_join!(
-                self.hits(&vector, &request.message, k, &no_filters),
+                self.hits(
+                    &vector,
+                    &request.message,
+                    k,
+                    &no_filters,
+                    SearchMode::Hybrid
+                ),
                 self.related(&request.session_id, &vector)
             )?;
             Ok::<_, HandlerError>((passages, memory(recent, related), vector))
@@ -297,7 +310,12 @@ impl Handler for Retriever {
         match input.data {
             RetrieverInput::Search(request) => {
                 let hits = self
-                    .search(&request.query, request.k as usize, &request.filters)
+                    .search(
+                        &request.query,
+                        request.k as usize,
+                        &request.filters,
+                        request.mode,
+                    )
                     .await?;
                 Ok(vec![reply_event(
                     &input.event,
