@@ -281,6 +281,12 @@ async fn main() {
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
+    // BENCH_ONLY=broker: only the RabbitMQ-versus-embedded comparison.
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("broker") {
+        h.cleanup().await;
+        broker_cost(dir.path(), &url, env_or("BENCH_BROKER_TURNS", 300)).await;
+        return;
+    }
     let config = fleet_config(&h.config, dir.path(), &url);
     let config_for_stages = config.embedder.clone();
     let shutdown = CancellationToken::new();
