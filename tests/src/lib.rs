@@ -1554,3 +1554,25 @@ pub fn median(values: &[f64]) -> f64 {
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
+
+/// Run a one-shot `bruno` command (`bin`) with `env` on top of this
+/// process's environment minus `BRUNO_BROKER__URL` (so only `env` decides
+/// the broker); its success, stdout and stderr.
+pub async fn run_bruno(
+    bin: &std::path::Path,
+    args: &[&str],
+    env: &[(String, String)],
+) -> (bool, String, String) {
+    let out = tokio::process::Command::new(bin)
+        .args(args)
+        .env_remove("BRUNO_BROKER__URL")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

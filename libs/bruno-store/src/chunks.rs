@@ -516,6 +516,8 @@ impl Chunks {
         let mut rank_of =
             |batches: &[RecordBatch], column: &str| -> Result<Vec<(String, f32)>, StoreError> {
                 let mut ranked = Vec::new();
+                // Cosine distance is 0..=2; similarity is 1 - distance.
+                let is_distance = column == "_distance";
                 for batch in batches {
                     let relevance = batch
                         .column_by_name(column)
@@ -533,12 +535,7 @@ impl Chunks {
                     for i in 0..batch.num_rows() {
                         let id = ids.value(i).to_owned();
                         let value = relevance.value(i);
-                        // Cosine distance is 0..=2; similarity is 1 - distance.
-                        let value = if column == "_distance" {
-                            1.0 - value
-                        } else {
-                            value
-                        };
+                        let value = if is_distance { 1.0 - value } else { value };
                         ranked.push((id.clone(), value));
                         rows.entry(id.clone()).or_insert_with(|| {
                             let values = vectors.value(i);

@@ -83,20 +83,9 @@ fn dev_env(dir: &Path, llm: SocketAddr) -> Vec<(String, String)> {
     .collect()
 }
 
-/// Run a one-shot `bruno` command with `env`; its exit status and stdout.
+/// A one-shot `bruno` command with `env`: success, stdout, stderr.
 async fn bruno(args: &[&str], env: &[(String, String)]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(bin())
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env_remove("BRUNO_BROKER__URL")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    bruno_system_tests::run_bruno(bin(), args, env).await
 }
 
 fn repo_docs() -> PathBuf {

@@ -30,18 +30,9 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// A one-shot `bruno` command with `env`: success, stdout, stderr.
 async fn bruno(args: &[&str], env: &[(String, String)]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(bin())
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    bruno_system_tests::run_bruno(bin(), args, env).await
 }
 
 fn metric(report: &Value, level: &str, name: &str) -> f64 {
