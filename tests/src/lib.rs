@@ -891,6 +891,179 @@ pub struct ReceivedSpan {
     pub kind: i32,
     /// Attributes, rendered as strings.
     pub attributes: std::collections::BTreeMap<String, String>,
+    /// Start, in nanoseconds since the epoch.
+    pub start_ns: u64,
+    /// End, in nanoseconds since the epoch.
+    pub end_ns: u64,
+}
+
+impl ReceivedSpan {
+    fn ms(&self) -> f64 {
+        self.end_ns.saturating_sub(self.start_ns) as f64 / 1e6
+    }
+}
+
+/// One row of a per-hop breakdown: a segment of a request's wall time,
+/// over every trace that had it.
+#[derive(Debug, Clone)]
+pub struct Hop {
+    /// What the segment is.
+    pub segment: String,
+    /// Its median and 99th percentile, in ms (a trace with it several times
+    /// counts their sum).
+    pub p50: f64,
+    /// 99th percentile, ms.
+    pub p99: f64,
+    /// Traces that had it.
+    pub traces: usize,
+    /// Median start after the request began, ms (the rows' order).
+    pub at: f64,
+}
+
+/// Where the wall time of the requests whose server span is named `root`
+/// (`POST /v1/chat`) goes, from their exported spans: before the first
+/// publish; each publish and its confirm; each hop from a publish's start
+/// to the consuming part's process (or reply inbox's receive) span; each
+/// handler's own time (its process span without the publishes in it), its
+/// database and LLM calls; and from the last reply received to the
+/// response. Only the request's path counts: the chain of spans from its
+/// server span to the reply that ended it, and the publishes and client
+/// calls in that chain (memory writes and streamed deltas are off it).
+pub fn hop_breakdown(spans: &[ReceivedSpan], root: &str) -> Vec<Hop> {
+    use std::collections::{BTreeMap, HashMap};
+    let mut by_trace: HashMap<&str, Vec<&ReceivedSpan>> = HashMap::new();
+    for s in spans {
+        by_trace.entry(s.trace_id.as_str()).or_default().push(s);
+    }
+    let mut rows: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for trace in by_trace.values() {
+        let Some(top) = trace.iter().find(|s| s.name == root && s.kind == 2) else {
+            continue;
+        };
+        let ids: HashMap<&str, &ReceivedSpan> =
+            trace.iter().map(|s| (s.span_id.as_str(), *s)).collect();
+        let mut seen: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        let mut add = |label: String, ms: f64, at_ns: u64| {
+            let e = seen
+                .entry(label)
+                .or_insert((0.0, at_ns.saturating_sub(top.start_ns) as f64 / 1e6));
+            e.0 += ms;
+        };
+        // The request's path: the chain from the reply that ended it (the
+        // last one its server received) up to its server span, and the
+        // publishes and client calls made in that chain.
+        let Some(last) = trace
+            .iter()
+            .filter(|s| s.kind == 5 && s.name.starts_with("receive") && s.end_ns <= top.end_ns)
+            .max_by_key(|s| s.end_ns)
+        else {
+            continue;
+        };
+        let mut chain: Vec<&str> = Vec::new();
+        let mut at = Some(*last);
+        while let Some(s) = at {
+            chain.push(s.span_id.as_str());
+            at = ids.get(s.parent_span_id.as_str()).copied();
+        }
+        let on_path: Vec<&&ReceivedSpan> = trace
+            .iter()
+            .filter(|s| {
+                chain.contains(&s.span_id.as_str())
+                    || (matches!(s.kind, 3 | 4) && chain.contains(&s.parent_span_id.as_str()))
+            })
+            .collect();
+        let ty = |s: &ReceivedSpan| {
+            s.attributes
+                .get("cloudevents.event_type")
+                .map(|t| {
+                    t.trim_start_matches("bruno.")
+                        .trim_end_matches(|c: char| c.is_ascii_digit())
+                        .trim_end_matches(".v")
+                        .to_owned()
+                })
+                .unwrap_or_default()
+        };
+        let mut first_publish = u64::MAX;
+        let mut last_receive = 0;
+        for s in &on_path {
+            match s.kind {
+                // producer: publish (with its confirm)
+                4 => {
+                    first_publish = first_publish.min(s.start_ns);
+                    add(format!("publish + confirm {}", ty(s)), s.ms(), s.start_ns);
+                }
+                // consumer: process or receive
+                5 => {
+                    if let Some(p) = ids.get(s.parent_span_id.as_str()).filter(|p| p.kind == 4) {
+                        let hop = s.start_ns.saturating_sub(p.start_ns) as f64 / 1e6;
+                        add(
+                            format!(
+                                "publish → {} {}",
+                                s.name.split(' ').next().unwrap_or(""),
+                                ty(s)
+                            ),
+                            hop,
+                            p.start_ns,
+                        );
+                    }
+                    if s.name.starts_with("receive") {
+                        last_receive = last_receive.max(s.end_ns);
+                    } else {
+                        let inner: f64 = on_path
+                            .iter()
+                            .filter(|c| c.parent_span_id == s.span_id && c.kind == 4)
+                            .map(|c| c.ms())
+                            .sum();
+                        let part = s.attributes.get("part").cloned().unwrap_or_default();
+                        add(
+                            format!("{part} handler, own time"),
+                            s.ms() - inner,
+                            s.start_ns,
+                        );
+                    }
+                }
+                // client: database and LLM calls inside handlers
+                3 => add(format!("  in it: {}", s.name), s.ms(), s.start_ns),
+                _ => {}
+            }
+        }
+        if first_publish != u64::MAX {
+            add(
+                format!("{root}: in, to the first publish"),
+                first_publish.saturating_sub(top.start_ns) as f64 / 1e6,
+                top.start_ns,
+            );
+        }
+        if last_receive > 0 {
+            add(
+                format!("{root}: last reply received, to the response"),
+                top.end_ns.saturating_sub(last_receive) as f64 / 1e6,
+                last_receive,
+            );
+        }
+        add(format!("{root}: whole request"), top.ms(), top.end_ns);
+        for (label, (ms, at)) in seen {
+            let row = rows.entry(label).or_default();
+            row.0.push(ms);
+            row.1.push(at);
+        }
+    }
+    let mut out: Vec<Hop> = rows
+        .into_iter()
+        .map(|(segment, (mut values, at))| {
+            values.sort_by(f64::total_cmp);
+            let p99 = values[((values.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)];
+            Hop {
+                segment,
+                p50: median(&values),
+                p99,
+                traces: values.len(),
+                at: median(&at),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.at.total_cmp(&b.at));
+    out
 }
 
 /// An OTLP/HTTP (protobuf) trace receiver on 127.0.0.1:0 that keeps every
@@ -981,6 +1154,8 @@ impl OtlpReceiver {
                                 .iter()
                                 .map(|a| (a.key.clone(), text(&a.value)))
                                 .collect(),
+                            start_ns: span.start_time_unix_nano,
+                            end_ns: span.end_time_unix_nano,
                         });
                     }
                 }

@@ -1,11 +1,113 @@
-//! Raw MiniLM embedding throughput: batch 32 of ~230-token chunks.
-//! Run: `cargo bench -p bruno-embed --bench embed` (BENCH_CHUNKS to change the count).
+//! Raw MiniLM embedding throughput: batch 32 of ~230-token chunks, against
+//! this machine's fp32 GEMM bound at the model's own shapes.
+//!
+//! The bound: every matrix product of the encoder's forward pass over the
+//! same padded batches (per layer: the fused QKV projection, the attention
+//! scores and context per head, the attention output, the intermediate and
+//! output projections; 6 layers), timed alone through candle's matmul, which
+//! is the `gemm` crate on the CPU. All-MiniLM-L6-v2 costs ~23.3 MFLOP per
+//! token at 230-token windows, nearly all of it in those products: a
+//! forward pass cannot beat them. Printed as a median of `BENCH_RUNS` (3) interleaved
+//! runs, with numpy's BLAS (OpenBLAS) at the same shapes for reference.
+//!
+//! Run: `cargo bench -p bruno-embed --bench embed` (BENCH_CHUNKS to change
+//! the count).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use bruno_embed::MiniLm;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::bert::{BertModel, Config, DTYPE};
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The encoder's matrix products over given `(batch, padded length)`
+/// batches, with random operands made once.
+struct Gemms {
+    /// `(lhs, rhs)` pairs, each product once per layer.
+    products: Vec<(Tensor, Tensor)>,
+    /// `m,k,n[,batch]` of each product, for the BLAS reference.
+    shapes: Vec<String>,
+    layers: usize,
+    /// FLOPs of all products over all layers.
+    flops: f64,
+}
+
+impl Gemms {
+    fn new(config: &Config, batches: &[(usize, usize)]) -> Self {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let heads = config.num_attention_heads;
+        let hd = h / heads;
+        let rand = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+        let mut products = Vec::new();
+        let mut shapes = Vec::new();
+        let mut flops = 0.0;
+        for &(b, len) in batches {
+            let t = b * len;
+            // (rows, inner, cols, batch) of each product of one layer.
+            for (m, k, n, batch) in [
+                (t, h, 3 * h, 1),          // fused Q, K, V
+                (len, hd, len, b * heads), // attention scores
+                (len, len, hd, b * heads), // attention context
+                (t, h, h, 1),              // attention output
+                (t, h, i, 1),              // intermediate
+                (t, i, h, 1),              // output
+            ] {
+                let (lhs, rhs) = if batch == 1 {
+                    (rand(&[m, k]), rand(&[k, n]))
+                } else {
+                    (rand(&[batch, m, k]), rand(&[batch, k, n]))
+                };
+                products.push((lhs, rhs));
+                shapes.push(format!("{m},{k},{n},{batch}"));
+                flops += 2.0 * (m * k * n * batch) as f64 * config.num_hidden_layers as f64;
+            }
+        }
+        Self {
+            products,
+            shapes,
+            layers: config.num_hidden_layers,
+            flops,
+        }
+    }
+
+    /// Seconds for every product of every layer.
+    fn run(&self) -> f64 {
+        let started = Instant::now();
+        for _ in 0..self.layers {
+            for (lhs, rhs) in &self.products {
+                std::hint::black_box(lhs.matmul(rhs).unwrap());
+            }
+        }
+        started.elapsed().as_secs_f64()
+    }
+
+    /// numpy's BLAS on the same products (`scripts/blas-gemm.py`):
+    /// GFLOP/s and the BLAS's name.
+    fn blas_reference(&self) -> Result<(f64, String), String> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/blas-gemm.py");
+        let out = std::process::Command::new("python3")
+            .arg(script)
+            .arg("3")
+            .args(&self.shapes)
+            .output()
+            .map_err(|e| format!("python3: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (gflops, blas) = text.trim().split_once(' ').ok_or("no figure")?;
+        Ok((
+            gflops.parse().map_err(|e| format!("{e}: {text}"))?,
+            blas.to_owned(),
+        ))
+    }
+}
 
 fn main() {
     let dir = std::env::var_os("BRUNO_MODEL_DIR")
@@ -59,24 +161,58 @@ fn main() {
         .map(|c| m.tokenizer().encode(c.as_str(), true).unwrap().len())
         .sum();
     m.embed_blocking(&chunks[..32.min(n)]).unwrap(); // warm-up
-    let started = Instant::now();
-    for batch in chunks.chunks(32) {
-        m.embed_blocking(batch).unwrap();
+    let config: Config =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let mut padded = m.tokenizer().clone();
+    padded.with_padding(Some(tokenizers::PaddingParams::default()));
+    let lens: Vec<(usize, usize)> = chunks
+        .chunks(32)
+        .map(|batch| {
+            let enc = padded.encode_batch(batch.to_vec(), true).unwrap();
+            (enc.len(), enc[0].get_ids().len())
+        })
+        .collect();
+    let gemm = Gemms::new(&config, &lens);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let (mut ours_runs, mut bound_runs) = (Vec::new(), Vec::new());
+    let mut secs = 0.0;
+    for _ in 0..runs {
+        let started = Instant::now();
+        for batch in chunks.chunks(32) {
+            m.embed_blocking(batch).unwrap();
+        }
+        secs = started.elapsed().as_secs_f64();
+        ours_runs.push(tokens as f64 / secs);
+        bound_runs.push(tokens as f64 / gemm.run());
     }
-    let secs = started.elapsed().as_secs_f64();
-    let ours = tokens as f64 / secs;
+    let ours = median(&mut ours_runs);
+    let bound = median(&mut bound_runs);
     println!(
         "MiniLM raw (bruno-embed): {n} chunks, {:.0} tokens/chunk, batch 32: {ours:.0} tokens/s, {:.1} chunks/s ({secs:.2} s) — goal >= 2500 tokens/s",
         tokens as f64 / n as f64,
         n as f64 / secs
     );
+    let flop_per_token = gemm.flops / tokens as f64;
+    println!(
+        "fp32 GEMM bound (gemm crate via candle, the encoder's own products, {:.1} MFLOP/token): {bound:.0} tokens/s = {:.1} GFLOP/s; bruno-embed reaches {:.1} % of it (median of {runs}) — goal >= 70 %",
+        flop_per_token / 1e6,
+        bound * flop_per_token / 1e9,
+        100.0 * ours / bound
+    );
+    match gemm.blas_reference() {
+        Ok((gflops, blas)) => println!(
+            "reference {blas} via numpy, same products: {gflops:.1} GFLOP/s = {:.0} tokens/s bound; bruno-embed reaches {:.1} % of it",
+            gflops * 1e9 / flop_per_token,
+            100.0 * ours / (gflops * 1e9 / flop_per_token)
+        ),
+        Err(e) => println!("reference BLAS not measured: {e}"),
+    }
 
     // Baseline: candle-transformers' BertModel on the same batches (the
     // encoder alone: tokenization and pooling are not timed for it).
-    use candle_core::{Device, Tensor};
-    use candle_transformers::models::bert::{BertModel, Config, DTYPE};
-    let config: Config =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     let vb = candle_nn::VarBuilder::from_buffered_safetensors(
         std::fs::read(dir.join("model.safetensors")).unwrap(),
         DTYPE,

@@ -76,6 +76,7 @@ macro_rules! catalogue {
 
 catalogue! {
     DocumentSubmitted => "bruno.document.submitted.v1", "a document to add to or replace in the knowledge base", ["producer", "bruno ingest"];
+    DocumentChunked => "bruno.document.chunked.v1", "one batch of a long document's chunks, to embed on any embedder replica", ["embedder"];
     MemoryWrite => "bruno.memory.write.v2", "typed rows with vectors for the single LanceDB writer", ["embedder"];
     MemoryWriteV1 => "bruno.memory.write.v1", "retired: untyped rows for the writer (still read, no longer produced)", ["embedder before v2"];
     DocumentIndexed => "bruno.document.indexed.v1", "the writer committed a document's chunks (or the embedder found them unchanged)", ["writer", "embedder"];
@@ -100,6 +101,25 @@ mod extra_checks {
         non_empty("data.doc_id", &d.doc_id)?;
         non_empty("data.source", &d.source)?;
         non_empty("data.text", &d.text)
+    }
+    pub fn DocumentChunked(d: &DocumentChunked) -> Result<(), ValidationError> {
+        non_empty("data.doc_id", &d.doc_id)?;
+        non_empty("data.source", &d.source)?;
+        non_empty("data.content_hash", &d.content_hash)?;
+        if d.texts.is_empty() {
+            return Err(ValidationError::new("data.texts", "must not be empty"));
+        }
+        let end = u64::from(d.first_chunk) + d.texts.len() as u64;
+        if end > u64::from(d.chunk_count) {
+            return Err(ValidationError::new(
+                "data.first_chunk",
+                format!(
+                    "chunks {}..{end} lie beyond chunk_count {}",
+                    d.first_chunk, d.chunk_count
+                ),
+            ));
+        }
+        Ok(())
     }
     fn vector(field: String, v: &[f32], e: &EmbedderInfo) -> Result<(), ValidationError> {
         if v.len() != e.dimension as usize {
@@ -210,7 +230,33 @@ mod tests {
             );
             assert!(seen.insert(e.ty), "duplicate {}", e.ty);
         }
-        assert_eq!(catalogue().len(), 14);
+        assert_eq!(catalogue().len(), 15);
+    }
+
+    #[test]
+    fn a_chunk_batch_must_lie_within_its_document() {
+        let batch = |first: u32, texts: usize, count: u32| DocumentChunked {
+            doc_id: "d".into(),
+            source: "s".into(),
+            title: None,
+            content_hash: "h".into(),
+            chunk_count: count,
+            first_chunk: first,
+            texts: vec!["t".into(); texts],
+        };
+        let check = |b: &DocumentChunked| {
+            let event = crate::new_event("tests", b);
+            (entry(DocumentChunked::TYPE).unwrap().check)(&event)
+        };
+        assert!(check(&batch(32, 32, 64)).is_ok());
+        let err = check(&batch(40, 32, 64)).unwrap_err();
+        assert_eq!(err.field, "data.first_chunk", "{err}");
+        assert!(err.message.contains("40..72"), "{err}");
+        assert_eq!(
+            check(&batch(u32::MAX, 2, 3)).unwrap_err().field,
+            "data.first_chunk"
+        );
+        assert_eq!(check(&batch(0, 0, 3)).unwrap_err().field, "data.texts");
     }
 
     #[test]

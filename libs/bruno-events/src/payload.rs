@@ -37,6 +37,29 @@ pub struct DocumentSubmitted {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// `bruno.document.chunked.v1`: one batch of a long document's chunks, split
+/// by the embedder that took the document and embedded by whichever embedder
+/// replica takes the batch (each batch is retried on its own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentChunked {
+    /// The document.
+    pub doc_id: String,
+    /// The document's source.
+    pub source: String,
+    /// The document's title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Content hash of the document version the chunks belong to.
+    pub content_hash: String,
+    /// Chunks of this document version in all (over every batch).
+    pub chunk_count: u32,
+    /// Position of this batch's first chunk in the document.
+    pub first_chunk: u32,
+    /// The chunks' texts, as stored and embedded (context line included).
+    pub texts: Vec<String>,
+}
+
 /// Which LanceDB table a write targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -187,6 +210,28 @@ pub struct DocumentIndexed {
     /// The same content was already indexed; nothing was written.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unchanged: bool,
+    /// Chunks of this document version in all. A long document is written
+    /// in parts, each with its own `document.indexed`: it is fully indexed
+    /// once the parts' `chunks_written` (distinct `first_chunk`s) add up to
+    /// this. 0 from a writer before this field: the event says nothing of
+    /// other parts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chunk_count: u64,
+    /// Position of the first chunk this part wrote.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub first_chunk: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl DocumentIndexed {
+    /// Whether this event alone says the whole document is indexed (it was
+    /// unchanged, or written in one part, or comes from an older writer).
+    pub fn whole(&self) -> bool {
+        self.unchanged || self.chunk_count == 0 || self.chunks_written >= self.chunk_count
+    }
 }
 
 /// Metadata filters of a search; each is an exact match.

@@ -286,6 +286,29 @@ pub struct WaitReport {
     pub pending: Vec<String>,
 }
 
+/// The parts of long documents indexed so far: a long document is written
+/// in parts, each answered by its own `document.indexed`; a redelivered part
+/// is answered again and counted once.
+#[derive(Default)]
+struct Parts(std::collections::BTreeMap<String, std::collections::BTreeMap<u64, u64>>);
+
+impl Parts {
+    /// Note `done`; whether its document is now wholly indexed.
+    fn whole(&mut self, done: &bruno_events::payload::DocumentIndexed) -> bool {
+        if done.whole() {
+            self.0.remove(&done.doc_id);
+            return true;
+        }
+        let seen = self.0.entry(done.doc_id.clone()).or_default();
+        seen.insert(done.first_chunk, done.chunks_written);
+        if seen.values().sum::<u64>() >= done.chunk_count {
+            self.0.remove(&done.doc_id);
+            return true;
+        }
+        false
+    }
+}
+
 /// Follows the documents of one `bruno ingest` run: their `document.indexed`
 /// come to a reply inbox under one correlation id; the ones dead-lettered
 /// by the embedder or the writer are found in those parts' DLQs by the
@@ -346,6 +369,7 @@ impl Watch {
         let mut pending: BTreeSet<&str> = doc_ids.iter().map(String::as_str).collect();
         let mut indexed = 0;
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
+        let mut parts = Parts::default();
         let deadline = tokio::time::Instant::now() + timeout;
         let mut dlq_check = tokio::time::interval(Duration::from_secs(3));
         dlq_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -355,8 +379,10 @@ impl Watch {
                 reply = self.registration.replies.recv() => match reply {
                     Some(Reply::Event(event)) => {
                         if let Ok(done) = bruno_events::decode_data::<DocumentIndexed>(&event)
-                            && pending.remove(done.doc_id.as_str())
+                            && pending.contains(done.doc_id.as_str())
+                            && parts.whole(&done)
                         {
+                            pending.remove(done.doc_id.as_str());
                             indexed += 1;
                         }
                     }
@@ -394,5 +420,42 @@ impl Watch {
             failed: failed.into_iter().collect(),
             pending: pending.into_iter().map(str::to_owned).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Parts;
+    use bruno_events::payload::DocumentIndexed;
+
+    fn part(first: u64, written: u64, count: u64) -> DocumentIndexed {
+        DocumentIndexed {
+            doc_id: "d".into(),
+            chunks_written: written,
+            chunks_removed: 0,
+            table_version: 1,
+            unchanged: false,
+            chunk_count: count,
+            first_chunk: first,
+        }
+    }
+
+    #[test]
+    fn a_long_document_is_whole_once_every_part_is_in_and_repeats_count_once() {
+        let mut parts = Parts::default();
+        assert!(!parts.whole(&part(0, 32, 70)));
+        assert!(
+            !parts.whole(&part(0, 32, 70)),
+            "a redelivered part is one part"
+        );
+        assert!(!parts.whole(&part(64, 6, 70)));
+        assert!(parts.whole(&part(32, 32, 70)));
+        assert!(parts.0.is_empty());
+        // One part, an unchanged document and an older writer's event.
+        assert!(parts.whole(&part(0, 5, 5)));
+        let mut unchanged = part(0, 0, 0);
+        unchanged.unchanged = true;
+        assert!(parts.whole(&unchanged));
+        assert!(parts.whole(&part(0, 3, 0)));
     }
 }

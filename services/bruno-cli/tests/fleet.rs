@@ -315,6 +315,40 @@ async fn one_trace_per_turn_and_document_across_processes_with_clean_logs_and_mo
             && attr(s, "messaging.operation.type") == Some("receive")),
         "the gateway's reply is not in the trace"
     );
+    // The chat bench's per-hop breakdown reads these spans: across the
+    // processes, the turn's hops come out in order and add up.
+    let hops = bruno_system_tests::hop_breakdown(&spans, "POST /v1/chat");
+    let segment = |name: &str| {
+        hops.iter()
+            .find(|h| h.segment == name)
+            .unwrap_or_else(|| panic!("no {name:?} in {hops:#?}"))
+    };
+    let whole = segment("POST /v1/chat: whole request");
+    for name in [
+        "POST /v1/chat: in, to the first publish",
+        "publish + confirm chat.requested",
+        "publish → process chat.requested",
+        "retriever handler, own time",
+        "publish → process chat.contextualized",
+        "generator handler, own time",
+        "publish → receive chat.completed",
+        "POST /v1/chat: last reply received, to the response",
+    ] {
+        let h = segment(name);
+        assert!(
+            h.traces == 1 && h.p50 >= 0.0 && h.p50 <= whole.p50 && h.at <= whole.at,
+            "{h:#?} / {whole:#?}"
+        );
+    }
+    assert!(
+        segment("publish → process chat.requested").at
+            < segment("publish → process chat.contextualized").at,
+        "{hops:#?}"
+    );
+    assert!(
+        !hops.iter().any(|h| h.segment.starts_with("writer")),
+        "memory writes after the reply are off the turn's path: {hops:#?}"
+    );
     let llm_span = spans
         .iter()
         .find(|s| attr(s, "gen_ai.operation.name") == Some("chat"))

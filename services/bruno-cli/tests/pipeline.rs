@@ -730,3 +730,183 @@ async fn a_thousand_documents_are_all_accounted_for_and_nothing_is_unroutable() 
     fleet.stop().await;
     h.cleanup().await;
 }
+
+/// A long markdown document: sections of 9-word sentences, enough for at
+/// least `chunks` chunks of `chunking`.
+fn long_document(chunking: &ChunkingConfig, chunks: usize) -> String {
+    let counter = bruno_embedder::counting_tokenizer(minilm().tokenizer()).unwrap();
+    let mut words = 40 * chunks;
+    loop {
+        let mut text = String::from("# Long field manual\n\n");
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let base = generated(7).text;
+        let pool: Vec<&str> = base
+            .split(|c: char| !c.is_ascii_alphabetic())
+            .filter(|w| w.len() > 2)
+            .collect();
+        for n in 0..words {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            if n % 400 == 0 {
+                text.push_str(&format!("\n\n## Section {}\n\n", n / 400));
+            }
+            text.push_str(pool[(state % pool.len() as u64) as usize]);
+            text.push_str(if n % 9 == 8 { ". " } else { " " });
+        }
+        let n = split(chunking, Some(counter.clone()), DocFormat::Markdown, &text).len();
+        if n >= chunks {
+            return text;
+        }
+        words = words * chunks / n.max(1) + 100;
+    }
+}
+
+/// Issue 14: a long document is split once, then embedded as batches that
+/// any embedder replica takes and each is retried on its own (ADR 16).
+/// Its embedders are SIGKILLed in turn while its 1,000+ chunks are
+/// embedded: every batch finishes between two kills, where the whole
+/// document as one unit of work never would, and `bruno ingest --wait`
+/// returns only once every chunk is stored, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_chunk_document_is_indexed_exactly_once_while_its_embedders_are_killed() {
+    let h = Harness::new(bruno_cli::registry::part_specs()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let docs = tempfile::tempdir().unwrap();
+    // Small chunks keep the dev-profile embedding time short; the batching
+    // is the same at any chunk size.
+    let chunking = ChunkingConfig {
+        chunk_tokens: 48,
+        overlap_tokens: 8,
+        ..ChunkingConfig::default()
+    };
+    let text = long_document(&chunking, 1_000);
+    let expected_chunks = split(
+        &chunking,
+        Some(bruno_embedder::counting_tokenizer(minilm().tokenizer()).unwrap()),
+        DocFormat::Markdown,
+        &text,
+    )
+    .len();
+    std::fs::write(docs.path().join("manual.md"), &text).unwrap();
+
+    let ingress = InProc::start(config(&h, dir.path()), &["ingress"]).await;
+    let embedder = |h: &Harness| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_bruno"));
+        c.arg("embedder")
+            .envs(bruno_system_tests::broker_env(&h.config))
+            .env("BRUNO_STORE__URI", dir.path().display().to_string())
+            .env("BRUNO_STORE__READ_CONSISTENCY_MS", "100")
+            .env("BRUNO_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("BRUNO_CHUNKING__CHUNK_TOKENS", "48")
+            .env("BRUNO_CHUNKING__OVERLAP_TOKENS", "8")
+            .env("BRUNO_LOG__FILTER", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true);
+        c.spawn().unwrap()
+    };
+    let mut embedders = [embedder(&h), embedder(&h)];
+    let writer = spawn_part("writer", &h, dir.path());
+
+    let addr = ingress.bound.ingress.unwrap();
+    let wait = {
+        let h_config = h.config.clone();
+        let docs = docs.path().to_owned();
+        tokio::spawn(async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_bruno"))
+                .args(["ingest", "--wait", "--json", "--wait-timeout", "600"])
+                .arg("--url")
+                .arg(format!("http://{addr}/"))
+                .arg(docs)
+                .envs(bruno_system_tests::broker_env(&h_config))
+                .output()
+                .await
+                .unwrap()
+        })
+    };
+
+    // Kill an embedder (in turn) each time two more batches are stored.
+    let store = open_store(dir.path()).await;
+    let stored = || {
+        let store = store.clone();
+        async move {
+            match store.existing_chunks(&info()).await.unwrap() {
+                Some(t) => t.count(None).await.unwrap(),
+                None => 0,
+            }
+        }
+    };
+    let mut kills = 0;
+    let mut last = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while kills < 8 {
+        let now = stored().await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{now} chunks stored after {kills} kills in 600 s"
+        );
+        assert!(
+            !wait.is_finished(),
+            "ingest returned after {kills} kills, {now} chunks stored"
+        );
+        if now >= last + 64 {
+            let i = kills % 2;
+            let old = std::mem::replace(&mut embedders[i], embedder(&h));
+            kill(old).await;
+            kills += 1;
+            last = now;
+        }
+        assert!(
+            now < expected_chunks,
+            "the document was indexed before the kills were over ({kills} kills)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let out = tokio::time::timeout(Duration::from_secs(600), wait)
+        .await
+        .expect("ingest --wait returned")
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["wait"]["indexed"], 1, "{report}");
+
+    // --wait returned only once every chunk was committed: a fresh reader
+    // sees them all now, each once, with the ids of this version.
+    let store = open_store(dir.path()).await;
+    let table = store.chunks(&info()).await.unwrap();
+    let ids = table.ids().await.unwrap();
+    let doc_id = ids[0].1.clone();
+    let hash = table.content_hash(&doc_id).await.unwrap().unwrap();
+    let stored: HashSet<(String, String)> = ids.iter().cloned().collect();
+    let expected: HashSet<(String, String)> = (0..expected_chunks)
+        .map(|i| (chunk_id(&doc_id, &hash, i), doc_id.clone()))
+        .collect();
+    assert_eq!(ids.len(), stored.len(), "a chunk is stored twice");
+    assert_eq!(ids.len(), expected_chunks);
+    assert_eq!(stored, expected, "stored chunks differ from the document's");
+    for part in ["embedder", "writer"] {
+        let letters = dlq::list(&h.broker, part, 10).await.unwrap();
+        assert!(letters.is_empty(), "dead letters in {part}: {letters:?}");
+    }
+    eventually(Duration::from_secs(60), "queues drained", || async {
+        h.depth(&h.queue("embedder")).await == 0 && h.depth(&h.queue("writer")).await == 0
+    })
+    .await;
+    eprintln!(
+        "one document, {expected_chunks} chunks, each stored once after {kills} embedder kills"
+    );
+
+    for e in embedders {
+        kill(e).await;
+    }
+    kill(writer).await;
+    ingress.stop().await;
+    h.cleanup().await;
+}

@@ -2,12 +2,17 @@
 //! vectors for the writer.
 //!
 //! - `document.submitted`: the text is split into token-bounded chunks with
-//!   overlap (markdown-aware for `format = markdown`), embedded in batches,
-//!   and sent as `memory.write` to `chunks` with the document's full chunk-id
-//!   set, so the writer removes chunks of an older version. A document whose
-//!   content hash equals the stored one is skipped (nothing is embedded or
-//!   written). Chunk ids derive from (doc id, content hash, position): a
-//!   redelivered document produces the same ids and the same events.
+//!   overlap (markdown-aware for `format = markdown`). A document of at most
+//!   `rows_per_message` chunks is embedded here and sent as one
+//!   `memory.write` to `chunks` with the document's full chunk-id set, so
+//!   the writer removes chunks of an older version. A longer one is sent on
+//!   as `document.chunked` batches of `rows_per_message` chunks, which any
+//!   embedder replica embeds and sends as `memory.write` on its own: a long
+//!   document uses every replica, and a crash repeats one batch, not the
+//!   document (ADR 0016). A document whose content hash equals the stored
+//!   one is skipped (nothing is embedded or written). Chunk ids derive from
+//!   (doc id, content hash, position): a redelivered document or batch
+//!   produces the same ids and the same events.
 //! - `chat.completed`: the question and the answer become two rows of
 //!   `conversations` (ids from the turn's correlation id), for memory.
 //!
@@ -19,8 +24,8 @@ use std::sync::Arc;
 
 use bruno_embed::{AnyEmbedder, Embedder};
 use bruno_events::payload::{
-    ChatCompleted, ChunkRecord, ChunkWrite, DocFormat, DocumentIndexed, DocumentSubmitted,
-    MemoryWrite, Role, TurnRecord, TurnWrite,
+    ChatCompleted, ChunkRecord, ChunkWrite, DocFormat, DocumentChunked, DocumentIndexed,
+    DocumentSubmitted, MemoryWrite, Role, TurnRecord, TurnWrite,
 };
 use bruno_events::{AttributesReader, Event, correlation_id, reply_event};
 use bruno_runtime::{Context, Handler, HandlerError, Incoming};
@@ -46,7 +51,9 @@ pub struct ChunkingConfig {
     pub overlap_tokens: usize,
     /// Chunks embedded in one call.
     pub batch_size: usize,
-    /// Rows in one `memory.write` message (a long document becomes several).
+    /// Chunks in one `document.chunked` batch and rows in one
+    /// `memory.write`: a document with more chunks is embedded in batches
+    /// of this many, on any embedder replica.
     pub rows_per_message: usize,
     /// Largest document text accepted, in bytes; larger ones are dead-lettered.
     pub max_document_bytes: usize,
@@ -64,7 +71,7 @@ impl Default for ChunkingConfig {
             chunk_tokens: 240,
             overlap_tokens: 32,
             batch_size: 32,
-            rows_per_message: 64,
+            rows_per_message: 32,
             max_document_bytes: 8 << 20,
             skip_unchanged: true,
             context: true,
@@ -76,6 +83,7 @@ impl Default for ChunkingConfig {
 #[derive(Clone, Debug, Default)]
 pub struct EmbedderMetrics {
     documents: Counter,
+    batches: Counter,
     unchanged: Counter,
     chunks: Counter,
     turns: Counter,
@@ -89,6 +97,11 @@ impl EmbedderMetrics {
             "bruno_embedder_documents",
             "Documents embedded",
             self.documents.clone(),
+        );
+        registry.register(
+            "bruno_embedder_batches",
+            "document.chunked batches embedded (a long document's chunks)",
+            self.batches.clone(),
         );
         registry.register(
             "bruno_embedder_unchanged",
@@ -354,6 +367,8 @@ bruno_runtime::inputs! {
     pub enum EmbedderInput {
         /// A document to split, embed and store.
         Document(DocumentSubmitted),
+        /// A batch of a long document's chunks to embed and store.
+        Batch(DocumentChunked),
         /// A finished chat turn to remember.
         Turn(ChatCompleted),
     }
@@ -452,6 +467,8 @@ impl EmbedderService {
                 chunks_removed: 0,
                 table_version: 0,
                 unchanged: true,
+                chunk_count: 0,
+                first_chunk: 0,
             };
             return Ok(vec![reply_event(event, &ctx.source, 0, &indexed)]);
         }
@@ -465,24 +482,112 @@ impl EmbedderService {
         })
         .await
         .map_err(|e| HandlerError::internal(format!("splitter: {e}")))?;
+        self.metrics.documents.inc();
+        let per = self.config.rows_per_message.max(1);
+        if texts.len() > per {
+            // A long document: its batches go out as their own messages, to
+            // be embedded by any replica and retried one by one.
+            let chunk_count = u32::try_from(texts.len()).map_err(|_| {
+                HandlerError::invalid_payload(format!("data.text: {} chunks", texts.len()))
+            })?;
+            debug!(doc_id = %doc.doc_id, chunks = texts.len(), "split into batches");
+            let mut events = Vec::with_capacity(texts.len().div_ceil(per));
+            let mut texts = texts.into_iter();
+            let mut first = 0u32;
+            loop {
+                let batch: Vec<String> = texts.by_ref().take(per).collect();
+                if batch.is_empty() {
+                    break;
+                }
+                let n = batch.len() as u32;
+                let chunked = DocumentChunked {
+                    doc_id: doc.doc_id.clone(),
+                    source: doc.source.clone(),
+                    title: doc.title.clone(),
+                    content_hash: hash.clone(),
+                    chunk_count,
+                    first_chunk: first,
+                    texts: batch,
+                };
+                events.push(reply_event(
+                    event,
+                    &ctx.source,
+                    events.len() as u32,
+                    &chunked,
+                ));
+                first += n;
+            }
+            return Ok(events);
+        }
+        let batch = DocumentChunked {
+            doc_id: doc.doc_id,
+            source: doc.source,
+            title: doc.title,
+            content_hash: hash,
+            chunk_count: u32::try_from(texts.len()).unwrap_or(u32::MAX),
+            first_chunk: 0,
+            texts,
+        };
+        self.write(event, batch, ctx).await
+    }
+
+    /// A `document.chunked` batch: embed it and send its rows to the writer.
+    async fn batch(
+        &self,
+        event: &Event,
+        batch: DocumentChunked,
+        ctx: &Context,
+    ) -> Result<Vec<Event>, HandlerError> {
+        // Chunk ids are made for the whole document: bound the count by what
+        // a document within the size limit can hold (a chunk has >= 1 byte).
+        if batch.chunk_count as usize > self.config.max_document_bytes {
+            return Err(HandlerError::invalid_payload(format!(
+                "data.chunk_count: {} exceeds chunking.max_document_bytes ({})",
+                batch.chunk_count, self.config.max_document_bytes
+            )));
+        }
+        self.metrics.batches.inc();
+        self.write(event, batch, ctx).await
+    }
+
+    /// Embed `batch` and make its `memory.write` events (more than one if
+    /// the batch holds more than `rows_per_message` chunks).
+    async fn write(
+        &self,
+        event: &Event,
+        batch: DocumentChunked,
+        ctx: &Context,
+    ) -> Result<Vec<Event>, HandlerError> {
+        let DocumentChunked {
+            doc_id,
+            source,
+            title,
+            content_hash: hash,
+            chunk_count,
+            first_chunk,
+            texts,
+        } = batch;
         let vectors = self.embed(&texts).await?;
-        let chunk_ids: Vec<String> = (0..texts.len())
-            .map(|i| chunk_id(&doc.doc_id, &hash, i))
+        let chunk_ids: Vec<String> = (0..chunk_count as usize)
+            .map(|i| chunk_id(&doc_id, &hash, i))
             .collect();
+        let first = first_chunk as usize;
         let rows: Vec<ChunkRecord> = texts
             .into_iter()
             .zip(vectors)
             .enumerate()
             .map(|(i, (text, vector))| ChunkRecord {
-                id: chunk_ids[i].clone(),
-                chunk_index: u32::try_from(i).unwrap_or(u32::MAX),
+                id: chunk_ids
+                    .get(first + i)
+                    .cloned()
+                    .unwrap_or_else(|| chunk_id(&doc_id, &hash, first + i)),
+                chunk_index: u32::try_from(first + i).unwrap_or(u32::MAX),
                 text,
                 vector,
             })
             .collect();
-        self.metrics.documents.inc();
         self.metrics.chunks.inc_by(rows.len() as u64);
-        debug!(doc_id = %doc.doc_id, chunks = rows.len(), "embedded");
+        debug!(%doc_id, first, chunks = rows.len(), "embedded");
         let per = self.config.rows_per_message.max(1);
         let mut parts: Vec<Vec<ChunkRecord>> =
             rows.chunks(per).map(<[ChunkRecord]>::to_vec).collect();
@@ -495,9 +600,9 @@ impl EmbedderService {
             .map(|(n, rows)| {
                 let write = MemoryWrite::Chunks(ChunkWrite {
                     embedder: self.embedder.info().clone(),
-                    doc_id: doc.doc_id.clone(),
-                    source: doc.source.clone(),
-                    title: doc.title.clone(),
+                    doc_id: doc_id.clone(),
+                    source: source.clone(),
+                    title: title.clone(),
                     content_hash: hash.clone(),
                     chunk_ids: chunk_ids.clone(),
                     rows,
@@ -562,6 +667,7 @@ impl Handler for EmbedderService {
     ) -> Result<Vec<Event>, HandlerError> {
         match input.data {
             EmbedderInput::Document(doc) => self.document(&input.event, doc, ctx).await,
+            EmbedderInput::Batch(batch) => self.batch(&input.event, batch, ctx).await,
             EmbedderInput::Turn(done) => self.turn(&input.event, done, ctx).await,
         }
     }

@@ -278,8 +278,12 @@ impl Handler for Writer {
             MemoryWrite::Conversations(w) => Work::Turns(to_turns(w)),
         };
         let written = work.rows() as u64;
-        let doc_id = match &work {
-            Work::Doc(d) => Some(d.doc_id.clone()),
+        let doc = match &work {
+            Work::Doc(d) => Some((
+                d.doc_id.clone(),
+                d.chunk_ids.len() as u64,
+                d.rows.iter().map(|r| r.chunk_index).min().unwrap_or(0),
+            )),
             Work::Turns(_) => None,
         };
         let (reply, rx) = oneshot::channel();
@@ -295,7 +299,7 @@ impl Handler for Writer {
         let committed = rx
             .await
             .map_err(|_| HandlerError::internal("writer batcher dropped the write"))??;
-        let Some(doc_id) = doc_id else {
+        let Some((doc_id, chunk_count, first_chunk)) = doc else {
             return Ok(Vec::new());
         };
         let indexed = DocumentIndexed {
@@ -304,6 +308,8 @@ impl Handler for Writer {
             chunks_removed: committed.removed,
             table_version: committed.version,
             unchanged: false,
+            chunk_count,
+            first_chunk: u64::from(first_chunk),
         };
         Ok(vec![reply_event(&input.event, &ctx.source, 0, &indexed)])
     }
