@@ -15,7 +15,8 @@
 //!    with 2 embedder instances (two consumers of the embedder queue in this
 //!    process, sharing its cores as two processes on this machine would).
 //!
-//! Run: `cargo bench -p bruno-system-tests --bench knowledge`.
+//! Run: `cargo bench -p bruno-system-tests --bench knowledge`
+//! (`BENCH_ONLY=e2e`: only the end-to-end runs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[global_allocator]
@@ -496,13 +497,17 @@ async fn fleet_rate(
 #[tokio::main]
 async fn main() {
     let model = MiniLm::load(&default_model_dir()).expect("model (scripts/fetch-model.sh)");
-    let h = Harness::new(bruno_cli::registry::part_specs()).await;
-    writer_bench(&h).await;
-    let h2 = Harness::new(bruno_cli::registry::part_specs()).await;
-    search_bench(&h2, &model).await;
+    // BENCH_ONLY=e2e: only the end-to-end runs.
+    let all = std::env::var("BENCH_ONLY").as_deref() != Ok("e2e");
+    if all {
+        let h = Harness::new(bruno_cli::registry::part_specs()).await;
+        writer_bench(&h).await;
+        let h2 = Harness::new(bruno_cli::registry::part_specs()).await;
+        search_bench(&h2, &model).await;
+        h.cleanup().await;
+        h2.cleanup().await;
+    }
     let h3 = Harness::new(bruno_cli::registry::part_specs()).await;
     end_to_end(&h3, &model).await;
-    h.cleanup().await;
-    h2.cleanup().await;
     h3.cleanup().await;
 }

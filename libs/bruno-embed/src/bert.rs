@@ -5,9 +5,13 @@
 //! throughput on few cores:
 //! - every linear layer is one 2-D GEMM over all tokens of the batch
 //!   (`[batch·len, in] × [in, out]`), Q, K and V fused into one;
-//! - softmax over attention scores is candle's fused, parallel
-//!   `softmax_last_dim` (the generic softmax is four single-threaded passes);
-//! - layer norms are candle's fused `layer_norm`.
+//! - the padding mask and the softmax over attention scores are one
+//!   parallel pass (`fused.rs`); the attention scale is folded into the
+//!   query weights at load;
+//! - layer norms are candle's fused `layer_norm`;
+//! - the intermediate layer's bias and erf-GELU are one vectorised pass
+//!   over all cores (`fused.rs`), not a bias pass and libm's scalar `erff`
+//!   on one thread.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
@@ -36,11 +40,6 @@ impl Linear {
             weight_t: Tensor::cat(&weights, 1)?.contiguous()?,
             bias: Tensor::cat(&biases, 0)?,
         })
-    }
-
-    /// `x`: `[tokens, in]` → `[tokens, out]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight_t)?.broadcast_add(&self.bias)
     }
 }
 
@@ -81,7 +80,6 @@ pub struct Bert {
     embed_norm: LayerNorm,
     layers: Vec<Layer>,
     heads: usize,
-    head_dim: usize,
     hidden: usize,
 }
 
@@ -109,8 +107,15 @@ impl Bert {
             let l = vb.pp(format!("encoder.layer.{i}"));
             let a = l.pp("attention");
             let s = a.pp("self");
+            // The attention's 1/sqrt(head size), folded into the query.
+            let scale = 1.0 / ((h / config.num_attention_heads) as f64).sqrt();
+            let query = Linear::load(&s.pp("query"), h, h)?;
+            let query = Linear {
+                weight_t: (query.weight_t * scale)?,
+                bias: (query.bias * scale)?,
+            };
             let qkv = Linear::fused(&[
-                Linear::load(&s.pp("query"), h, h)?,
+                query,
                 Linear::load(&s.pp("key"), h, h)?,
                 Linear::load(&s.pp("value"), h, h)?,
             ])?;
@@ -143,7 +148,6 @@ impl Bert {
             embed_norm,
             layers,
             heads,
-            head_dim: h / heads,
             hidden: h,
         })
     }
@@ -151,7 +155,7 @@ impl Bert {
     /// `ids`, `mask`: `[batch, len]` (u32) → `[batch, len, hidden]`.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, len) = ids.dims2()?;
-        let (h, heads, hd) = (self.hidden, self.heads, self.head_dim);
+        let (h, heads) = (self.hidden, self.heads);
         let tokens = b * len;
         let x = self
             .word
@@ -163,39 +167,34 @@ impl Bert {
         let mut x = self.embed_norm.forward(&x)?;
         // 0 for real tokens, a large negative number for padding: [b, 1, 1, len].
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, len))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x)?.reshape((b, len, 3, heads, hd))?;
-            let q = (qkv
-                .narrow(2, 0, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()?
-                * scale)?;
-            let k = qkv
-                .narrow(2, 1, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = qkv
-                .narrow(2, 2, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let qkv = crate::fused::qkv_heads(
+                &x.matmul(&layer.qkv.weight_t)?,
+                &layer.qkv.bias,
+                b,
+                heads,
+            )?;
+            let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+            let probs = crate::fused::masked_softmax(&q.matmul(&k.t()?)?, &bias)?;
             let context = probs
                 .matmul(&v)?
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((tokens, h))?;
-            let attn = layer
-                .attn_norm
-                .forward(&(layer.attn_out.forward(&context)? + &x)?)?;
-            let inter = layer.intermediate.forward(&attn)?.gelu_erf()?;
-            x = layer
-                .out_norm
-                .forward(&(layer.output.forward(&inter)? + &attn)?)?;
+            let attn = layer.attn_norm.forward(&crate::fused::bias_residual(
+                &context.matmul(&layer.attn_out.weight_t)?,
+                &layer.attn_out.bias,
+                &x,
+            )?)?;
+            let inter = crate::fused::bias_gelu(
+                &attn.matmul(&layer.intermediate.weight_t)?,
+                &layer.intermediate.bias,
+            )?;
+            x = layer.out_norm.forward(&crate::fused::bias_residual(
+                &inter.matmul(&layer.output.weight_t)?,
+                &layer.output.bias,
+                &attn,
+            )?)?;
         }
         x.reshape((b, len, h))
     }

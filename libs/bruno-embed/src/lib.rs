@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod bert;
+mod fused;
 mod http;
 mod minilm;
 
