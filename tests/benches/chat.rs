@@ -398,7 +398,8 @@ async fn main() {
     let floor = stages(
         &config_for_stages,
         &dir,
-        20 + 2 * total + 16 * per_session,
+        // Warm-up, 1 session, 16 sessions (each asks total / 16), paced.
+        20 + total + total / 16 * 16 + 16 * per_session,
         &url,
     )
     .await;
@@ -444,10 +445,16 @@ async fn hops(dir: &std::path::Path, url: &str, n: usize) {
     };
     let fresh = copy_of(dir);
     let (url, run_dir) = (url.to_owned(), fresh.path().to_owned());
-    let (chat, search) = tokio::task::spawn_blocking(move || {
+    let (chat, paced, search) = tokio::task::spawn_blocking(move || {
         mode.run(move || async move {
             on_fleet(&run_dir, &url, |gateway| async move {
                 let chat = turns(gateway, 1, n).await;
+                // Then one session asking every 250 ms: each turn's memory
+                // write (the answer embedded, the rows committed) is done
+                // before the next question, as in a conversation with a person.
+                let paced_from = now_ns();
+                let paced = chats(gateway, 1, n / 2, Some(Duration::from_millis(250))).await;
+                let paced_to = now_ns();
                 let client = reqwest::Client::new();
                 let mut search = Histogram::<u64>::new(3).unwrap();
                 for t in 0..n {
@@ -462,18 +469,33 @@ async fn hops(dir: &std::path::Path, url: &str, n: usize) {
                     r.bytes().await.unwrap();
                     search.record(started.elapsed().as_micros() as u64).unwrap();
                 }
-                (chat, search)
+                (chat, (paced, paced_from, paced_to), search)
             })
             .await
         })
     })
     .await
     .unwrap();
-    let spans = otlp.spans();
-    for (root, hist) in [("POST /v1/chat", &chat), ("POST /v1/search", &search)] {
-        let rows = hop_breakdown(&spans, root);
+    let (paced, from, to) = paced;
+    let all = otlp.spans();
+    // The paced turns' traces apart from the closed loop's.
+    let paced_traces: std::collections::HashSet<String> = all
+        .iter()
+        .filter(|s| s.kind == 2 && s.start_ns >= from && s.start_ns < to)
+        .map(|s| s.trace_id.clone())
+        .collect();
+    let (in_window, outside): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|s| paced_traces.contains(&s.trace_id));
+    for (what, spans, root, hist) in [
+        ("closed loop", &outside, "POST /v1/chat", &chat),
+        ("one every 250 ms", &in_window, "POST /v1/chat", &paced),
+        ("closed loop", &outside, "POST /v1/search", &search),
+    ] {
+        let rows = hop_breakdown(spans, root);
         println!(
-            "hops of {root} ({n} requests, 1 at a time, spans exported; client-side p50 {:.2} ms p99 {:.2} ms):",
+            "hops of {root}, 1 session, {what} ({} requests, spans exported; client-side p50 {:.2} ms p99 {:.2} ms):",
+            hist.len(),
             ms(hist, 0.5),
             ms(hist, 0.99)
         );
@@ -546,6 +568,13 @@ async fn broker_cost(dir: &std::path::Path, url: &str, n: usize) {
             median(&p99s[i]) - rabbit99,
         );
     }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 const PARTS: [&str; 5] = ["embedder", "writer", "retriever", "generator", "gateway"];

@@ -1009,11 +1009,23 @@ pub fn hop_breakdown(spans: &[ReceivedSpan], root: &str) -> Vec<Hop> {
                     if s.name.starts_with("receive") {
                         last_receive = last_receive.max(s.end_ns);
                     } else {
-                        let inner: f64 = on_path
+                        // The publishes in it, as a union of intervals
+                        // (a part publishes several events at once).
+                        let mut inner: Vec<(u64, u64)> = on_path
                             .iter()
                             .filter(|c| c.parent_span_id == s.span_id && c.kind == 4)
-                            .map(|c| c.ms())
-                            .sum();
+                            .map(|c| (c.start_ns, c.end_ns))
+                            .collect();
+                        inner.sort_unstable();
+                        let (mut covered, mut reach) = (0u64, 0u64);
+                        for (start, end) in inner {
+                            let start = start.max(reach);
+                            if end > start {
+                                covered += end - start;
+                                reach = end;
+                            }
+                        }
+                        let inner = covered as f64 / 1e6;
                         let part = s.attributes.get("part").cloned().unwrap_or_default();
                         add(
                             format!("{part} handler, own time"),
