@@ -1,5 +1,5 @@
 //! Fused elementwise passes of the encoder, vectorisable and split over
-//! the cores (rows over candle's worker count):
+//! the cores (rows on rayon's pool, the one candle's own ops use):
 //!
 //! - the intermediate layer's bias add and erf-GELU as one pass. candle's
 //!   `gelu_erf` calls libm's scalar `erff` (branches, no SIMD) on one thread
@@ -20,6 +20,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// `gelu_erf(x + bias)`: `x` `[rows, cols]` f32, `bias` `[cols]` f32.
 pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -84,23 +85,23 @@ fn gelu_rows(out: &mut [f32], x: &[f32], bias: &[f32]) {
     }
 }
 
-/// Run `f(out rows, in rows, first row)` over `x`'s rows of `cols`, split
-/// over candle's worker count.
+/// Rows of one parallel task: about 64k elements, so a short input (a
+/// query) runs as one task.
+fn rows_per_task(cols: usize) -> usize {
+    (ROWS_TASK_ELEMENTS / cols.max(1)).max(1)
+}
+
+const ROWS_TASK_ELEMENTS: usize = 1 << 16;
+
+/// Run `f(out rows, in rows, first row)` over `x`'s rows of `cols` on
+/// rayon's pool.
 fn par_rows(x: &[f32], cols: usize, f: impl Fn(&mut [f32], &[f32], usize) + Sync) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    let n_rows = x.len() / cols.max(1);
-    let threads = candle_core::utils::get_num_threads().clamp(1, n_rows.max(1));
-    let per_rows = n_rows.div_ceil(threads).max(1);
-    let f = &f;
-    std::thread::scope(|scope| {
-        for (i, (o, x)) in out
-            .chunks_mut(per_rows * cols)
-            .zip(x.chunks(per_rows * cols))
-            .enumerate()
-        {
-            scope.spawn(move || f(o, x, i * per_rows));
-        }
-    });
+    let per = rows_per_task(cols);
+    out.par_chunks_mut(per * cols)
+        .zip(x.par_chunks(per * cols))
+        .enumerate()
+        .for_each(|(i, (o, x))| f(o, x, i * per));
     out
 }
 
@@ -159,32 +160,22 @@ impl CustomOp2 for QkvHeads {
         let (len, hd) = (tokens / b, hidden / heads);
         let block = heads * len * hd; // one (part, sequence) of the output
         let mut out = vec![0f32; x.len()];
-        let mut blocks: Vec<(usize, &mut [f32])> = out.chunks_mut(block).enumerate().collect();
-        let threads = candle_core::utils::get_num_threads().clamp(1, blocks.len().max(1));
-        let per = blocks.len().div_ceil(threads);
-        std::thread::scope(|scope| {
-            while !blocks.is_empty() {
-                let mine: Vec<(usize, &mut [f32])> =
-                    blocks.drain(..per.min(blocks.len())).collect();
-                scope.spawn(move || {
-                    for (i, o) in mine {
-                        let (part, seq) = (i / b, i % b);
-                        for h in 0..heads {
-                            let col = part * hidden + h * hd;
-                            let bias = &bias[col..col + hd];
-                            for pos in 0..len {
-                                let row = (seq * len + pos) * width + col;
-                                let dst = &mut o[(h * len + pos) * hd..(h * len + pos + 1) * hd];
-                                for ((d, &v), &c) in dst.iter_mut().zip(&x[row..row + hd]).zip(bias)
-                                {
-                                    *d = v + c;
-                                }
-                            }
+        out.par_chunks_mut(block.max(1))
+            .enumerate()
+            .for_each(|(i, o)| {
+                let (part, seq) = (i / b, i % b);
+                for h in 0..heads {
+                    let col = part * hidden + h * hd;
+                    let bias = &bias[col..col + hd];
+                    for pos in 0..len {
+                        let row = (seq * len + pos) * width + col;
+                        let dst = &mut o[(h * len + pos) * hd..(h * len + pos + 1) * hd];
+                        for ((d, &v), &c) in dst.iter_mut().zip(&x[row..row + hd]).zip(bias) {
+                            *d = v + c;
                         }
                     }
-                });
-            }
-        });
+                }
+            });
         Ok((
             CpuStorage::F32(out),
             Shape::from_dims(&[3, b, heads, len, hd]),
@@ -463,13 +454,15 @@ mod tests {
     #[test]
     fn masked_softmax_matches_candle_and_ignores_padding() {
         let device = candle_core::Device::Cpu;
-        // batch 3, heads 2, len 11 (one full chunk of 8 and a remainder).
-        let (b, h, len) = (3, 2, 11);
+        // len 101: full chunks of 8 and a remainder; 4 × 12 × 101 rows are
+        // several parallel tasks, so a task's rows must find their sequence.
+        let (b, h, len) = (4, 12, 101);
         let scores = Tensor::randn(0f32, 3.0, (b, h, len, len), &device).unwrap();
         let mut mask = vec![0f32; b * len];
         for m in &mut mask[len + 7..2 * len] {
             *m = -1e9; // the second sequence is 7 tokens long
         }
+        assert!(b * h * len > rows_per_task(len), "one task only");
         let mask = Tensor::from_vec(mask, (b, 1, 1, len), &device).unwrap();
         let got = masked_softmax(&scores, &mask).unwrap();
         let want = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
@@ -487,7 +480,7 @@ mod tests {
         let padded: Vec<f32> = got
             .narrow(0, 1, 1)
             .unwrap()
-            .narrow(3, 7, 4)
+            .narrow(3, 7, len - 7)
             .unwrap()
             .flatten_all()
             .unwrap()
