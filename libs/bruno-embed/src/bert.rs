@@ -9,6 +9,11 @@
 //!   parallel pass (`fused.rs`); the attention scale is folded into the
 //!   query weights at load;
 //! - layer norms are candle's fused `layer_norm`;
+//! - a short input (a query: up to `thin::MAX_ROWS` tokens in the batch)
+//!   takes the thin path: weight products on panels packed at load
+//!   (`thin.rs`) and the whole attention as one pass per sequence
+//!   (`fused::short_attention`), where the `gemm` crate's kernels, built
+//!   for many rows, took most of a query's time;
 //! - the intermediate layer's bias and erf-GELU are one vectorised pass
 //!   over all cores (`fused.rs`), not a bias pass and libm's scalar `erff`
 //!   on one thread.
@@ -17,9 +22,13 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use candle_transformers::models::bert::Config;
 
+use crate::thin::Panels;
+
 struct Linear {
     /// `[in, out]`, contiguous (pre-transposed once at load).
     weight_t: Tensor,
+    /// The same, packed for products with few rows (`thin.rs`).
+    panels: Panels,
     bias: Tensor,
 }
 
@@ -27,19 +36,34 @@ impl Linear {
     fn load(vb: &VarBuilder, inp: usize, out: usize) -> Result<Self> {
         let weight = vb.get((out, inp), "weight")?;
         let bias = vb.get(out, "bias")?;
+        Self::new(weight.t()?.contiguous()?, bias)
+    }
+
+    fn new(weight_t: Tensor, bias: Tensor) -> Result<Self> {
         Ok(Self {
-            weight_t: weight.t()?.contiguous()?,
+            panels: Panels::pack(&weight_t)?,
+            weight_t,
             bias,
         })
+    }
+
+    /// `x · weight_t` (no bias): the thin kernel for a few rows, the
+    /// `gemm` crate for more.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dim(0)? <= crate::thin::MAX_ROWS {
+            self.panels.matmul(x)
+        } else {
+            x.matmul(&self.weight_t)
+        }
     }
 
     fn fused(parts: &[Linear]) -> Result<Self> {
         let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight_t).collect();
         let biases: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
-        Ok(Self {
-            weight_t: Tensor::cat(&weights, 1)?.contiguous()?,
-            bias: Tensor::cat(&biases, 0)?,
-        })
+        Self::new(
+            Tensor::cat(&weights, 1)?.contiguous()?,
+            Tensor::cat(&biases, 0)?,
+        )
     }
 }
 
@@ -110,10 +134,7 @@ impl Bert {
             // The attention's 1/sqrt(head size), folded into the query.
             let scale = 1.0 / ((h / config.num_attention_heads) as f64).sqrt();
             let query = Linear::load(&s.pp("query"), h, h)?;
-            let query = Linear {
-                weight_t: (query.weight_t * scale)?,
-                bias: (query.bias * scale)?,
-            };
+            let query = Linear::new((query.weight_t * scale)?, (query.bias * scale)?)?;
             let qkv = Linear::fused(&[
                 query,
                 Linear::load(&s.pp("key"), h, h)?,
@@ -168,30 +189,29 @@ impl Bert {
         // 0 for real tokens, a large negative number for padding: [b, 1, 1, len].
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, len))?;
         for layer in &self.layers {
-            let qkv = crate::fused::qkv_heads(
-                &x.matmul(&layer.qkv.weight_t)?,
-                &layer.qkv.bias,
-                b,
-                heads,
-            )?;
-            let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-            let probs = crate::fused::masked_softmax(&q.matmul(&k.t()?)?, &bias)?;
-            let context = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((tokens, h))?;
+            let qkv = crate::fused::qkv_heads(&layer.qkv.product(&x)?, &layer.qkv.bias, b, heads)?;
+            let context = if tokens <= crate::thin::MAX_ROWS {
+                crate::fused::short_attention(&qkv, &bias)?
+            } else {
+                let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+                let probs = crate::fused::masked_softmax(&q.matmul(&k.t()?)?, &bias)?;
+                probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((tokens, h))?
+            };
             let attn = layer.attn_norm.forward(&crate::fused::bias_residual(
-                &context.matmul(&layer.attn_out.weight_t)?,
+                &layer.attn_out.product(&context)?,
                 &layer.attn_out.bias,
                 &x,
             )?)?;
             let inter = crate::fused::bias_gelu(
-                &attn.matmul(&layer.intermediate.weight_t)?,
+                &layer.intermediate.product(&attn)?,
                 &layer.intermediate.bias,
             )?;
             x = layer.out_norm.forward(&crate::fused::bias_residual(
-                &inter.matmul(&layer.output.weight_t)?,
+                &layer.output.product(&inter)?,
                 &layer.output.bias,
                 &attn,
             )?)?;

@@ -14,6 +14,7 @@ mod bert;
 mod fused;
 mod http;
 mod minilm;
+mod thin;
 
 use std::future::Future;
 

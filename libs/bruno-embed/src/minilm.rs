@@ -101,7 +101,10 @@ impl MiniLm {
         }
         let ids = Tensor::from_vec(ids, (batch, len), &inner.device).map_err(infer)?;
         let mask = Tensor::from_vec(mask, (batch, len), &inner.device).map_err(infer)?;
-        let hidden = inner.model.forward(&ids, &mask).map_err(infer)?;
+        // On one of rayon's workers: the encoder's parallel passes then start
+        // on this thread and short ones (a query's) run inline, instead of
+        // each being handed to the pool from outside and waited for.
+        let hidden = rayon::scope(|_| inner.model.forward(&ids, &mask)).map_err(infer)?;
         // Mean over real tokens only, then unit length: sentence-transformers' pooling.
         let mask = mask
             .to_dtype(DType::F32)
