@@ -337,8 +337,14 @@ async fn main() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     // BENCH_ONLY=broker: only the RabbitMQ-versus-embedded comparison;
-    // BENCH_ONLY=hops: only the per-hop breakdown.
+    // BENCH_ONLY=hops: only the per-hop breakdown; BENCH_ONLY=priority:
+    // only queries-first against no lanes.
     match std::env::var("BENCH_ONLY").as_deref() {
+        Ok("priority") => {
+            h.cleanup().await;
+            priority_cost(dir.path(), &url, env_or("BENCH_PRIORITY_TURNS", 300)).await;
+            return;
+        }
         Ok("broker") => {
             h.cleanup().await;
             broker_cost(dir.path(), &url, env_or("BENCH_BROKER_TURNS", 300)).await;
@@ -429,6 +435,7 @@ async fn main() {
     h.cleanup().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     broker_cost(dir.path(), &url, env_or("BENCH_BROKER_TURNS", 300)).await;
+    priority_cost(dir.path(), &url, env_or("BENCH_PRIORITY_TURNS", 300)).await;
     tracing_cost(dir.path(), &url, env_or("BENCH_TRACE_TURNS", 300)).await;
     hops(dir.path(), &url, env_or("BENCH_HOP_TURNS", 200)).await;
 }
@@ -566,6 +573,36 @@ async fn broker_cost(dir: &std::path::Path, url: &str, n: usize) {
             median(&p50s[i]) - rabbit50,
             median(&p99s[i]),
             median(&p99s[i]) - rabbit99,
+        );
+    }
+}
+
+/// 1-session closed-loop turns with the embedder's query lane on (the
+/// default: the previous answer's memory write steps aside while the next
+/// question is embedded) and off, each on a fresh fleet and store copy,
+/// in rounds of rotating order; medians of the rounds.
+async fn priority_cost(dir: &std::path::Path, url: &str, n: usize) {
+    use bruno_system_tests::median;
+    let modes = [true, false];
+    let rounds = env_or("BENCH_PRIORITY_ROUNDS", 3);
+    let (mut p50s, mut p99s) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
+    for round in 0..rounds {
+        for offset in 0..modes.len() {
+            let i = (round + offset) % modes.len();
+            bruno_embed::set_query_priority(modes[i]);
+            let fresh = copy_of(dir);
+            let hist = on_fleet(fresh.path(), url, |gateway| turns(gateway, 1, n)).await;
+            p50s[i].push(ms(&hist, 0.5));
+            p99s[i].push(ms(&hist, 0.99));
+        }
+    }
+    bruno_embed::set_query_priority(true);
+    for (i, on) in modes.iter().enumerate() {
+        println!(
+            "query lane {}: 1 session, {n} turns, median of {rounds} rounds: p50 {:.2} ms p99 {:.2} ms",
+            if *on { "on (default)" } else { "off" },
+            median(&p50s[i]),
+            median(&p99s[i]),
         );
     }
 }

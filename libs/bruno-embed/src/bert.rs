@@ -22,6 +22,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use candle_transformers::models::bert::Config;
 
+use crate::lanes::Lane;
 use crate::thin::Panels;
 
 struct Linear {
@@ -173,8 +174,10 @@ impl Bert {
         })
     }
 
-    /// `ids`, `mask`: `[batch, len]` (u32) → `[batch, len, hidden]`.
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `ids`, `mask`: `[batch, len]` (u32) → `[batch, len, hidden]`. In
+    /// the background lane the pass pauses before each weight product
+    /// while a query is being embedded in this process (`lanes.rs`).
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor, lane: Lane) -> Result<Tensor> {
         let (b, len) = ids.dims2()?;
         let (h, heads) = (self.hidden, self.heads);
         let tokens = b * len;
@@ -188,7 +191,13 @@ impl Bert {
         let mut x = self.embed_norm.forward(&x)?;
         // 0 for real tokens, a large negative number for padding: [b, 1, 1, len].
         let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, len))?;
+        let pause = || {
+            if lane == Lane::Background {
+                crate::lanes::yield_to_queries();
+            }
+        };
         for layer in &self.layers {
+            pause();
             let qkv = crate::fused::qkv_heads(&layer.qkv.product(&x)?, &layer.qkv.bias, b, heads)?;
             let context = if tokens <= crate::thin::MAX_ROWS {
                 crate::fused::short_attention(&qkv, &bias)?
@@ -201,15 +210,18 @@ impl Bert {
                     .contiguous()?
                     .reshape((tokens, h))?
             };
+            pause();
             let attn = layer.attn_norm.forward(&crate::fused::bias_residual(
                 &layer.attn_out.product(&context)?,
                 &layer.attn_out.bias,
                 &x,
             )?)?;
+            pause();
             let inter = crate::fused::bias_gelu(
                 &layer.intermediate.product(&attn)?,
                 &layer.intermediate.bias,
             )?;
+            pause();
             x = layer.out_norm.forward(&crate::fused::bias_residual(
                 &layer.output.product(&inter)?,
                 &layer.output.bias,

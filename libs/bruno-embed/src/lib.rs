@@ -13,6 +13,7 @@
 mod bert;
 mod fused;
 mod http;
+mod lanes;
 mod minilm;
 mod thin;
 
@@ -20,6 +21,7 @@ use std::future::Future;
 
 pub use bruno_events::payload::EmbedderInfo;
 pub use http::{Ollama, OpenAi};
+pub use lanes::set_query_priority;
 pub use minilm::MiniLm;
 use serde::Deserialize;
 
@@ -62,6 +64,16 @@ pub trait Embedder: Send + Sync {
         &self,
         texts: &[String],
     ) -> impl Future<Output = Result<Vec<Vec<f32>>, EmbedError>> + Send;
+
+    /// Embed work no request is waiting on (documents, conversation
+    /// memory). The local model lets queries embedded in the same process
+    /// go first (`lanes.rs`); a remote embedding server has no such lanes.
+    fn embed_background(
+        &self,
+        texts: &[String],
+    ) -> impl Future<Output = Result<Vec<Vec<f32>>, EmbedError>> + Send {
+        self.embed(texts)
+    }
 }
 
 /// `[embedder]` config: which backend, and its settings.
@@ -168,6 +180,14 @@ impl Embedder for AnyEmbedder {
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         match self {
             Self::MiniLm(e) => e.embed(texts).await,
+            Self::Ollama(e) => e.embed(texts).await,
+            Self::OpenAi(e) => e.embed(texts).await,
+        }
+    }
+
+    async fn embed_background(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        match self {
+            Self::MiniLm(e) => e.embed_background(texts).await,
             Self::Ollama(e) => e.embed(texts).await,
             Self::OpenAi(e) => e.embed(texts).await,
         }

@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, DTYPE};
 
 use crate::bert::Bert;
+use crate::lanes::{self, Lane};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::{EmbedError, Embedder, EmbedderInfo};
@@ -82,6 +83,10 @@ impl MiniLm {
 
     /// Embed on the calling thread (CPU-bound; async callers use [`Embedder::embed`]).
     pub fn embed_blocking(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.embed_in(texts, Lane::Query)
+    }
+
+    fn embed_in(&self, texts: &[String], lane: Lane) -> Result<Vec<Vec<f32>>, EmbedError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
@@ -104,7 +109,7 @@ impl MiniLm {
         // On one of rayon's workers: the encoder's parallel passes then start
         // on this thread and short ones (a query's) run inline, instead of
         // each being handed to the pool from outside and waited for.
-        let hidden = rayon::scope(|_| inner.model.forward(&ids, &mask)).map_err(infer)?;
+        let hidden = rayon::scope(|_| inner.model.forward(&ids, &mask, lane)).map_err(infer)?;
         // Mean over real tokens only, then unit length: sentence-transformers' pooling.
         let mask = mask
             .to_dtype(DType::F32)
@@ -136,10 +141,32 @@ impl Embedder for MiniLm {
     }
 
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        // Counted from now, so background work already running pauses
+        // while this waits for a blocking thread too.
+        let query = lanes::query();
+        self.run(texts, Lane::Query, query).await
+    }
+
+    async fn embed_background(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.run(texts, Lane::Background, ()).await
+    }
+}
+
+impl MiniLm {
+    async fn run<G: Send + 'static>(
+        &self,
+        texts: &[String],
+        lane: Lane,
+        guard: G,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         let this = self.clone();
         let texts = texts.to_vec();
-        tokio::task::spawn_blocking(move || this.embed_blocking(&texts))
-            .await
-            .map_err(|e| EmbedError::Inference(format!("embedding task: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let vectors = this.embed_in(&texts, lane);
+            drop(guard);
+            vectors
+        })
+        .await
+        .map_err(|e| EmbedError::Inference(format!("embedding task: {e}")))?
     }
 }

@@ -424,7 +424,7 @@ impl EmbedderService {
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, HandlerError> {
         let mut vectors = Vec::with_capacity(texts.len());
         for batch in texts.chunks(self.config.batch_size.max(1)) {
-            vectors.extend(self.embedder.embed(batch).await?);
+            vectors.extend(self.embedder.embed_background(batch).await?);
         }
         if vectors.len() != texts.len() {
             return Err(HandlerError::internal(format!(
