@@ -35,9 +35,14 @@ struct Linear {
 
 impl Linear {
     fn load(vb: &VarBuilder, inp: usize, out: usize) -> Result<Self> {
+        let (weight_t, bias) = Self::parts(vb, inp, out)?;
+        Self::new(weight_t, bias)
+    }
+
+    /// `(weight_t, bias)` as stored, not yet packed.
+    fn parts(vb: &VarBuilder, inp: usize, out: usize) -> Result<(Tensor, Tensor)> {
         let weight = vb.get((out, inp), "weight")?;
-        let bias = vb.get(out, "bias")?;
-        Self::new(weight.t()?.contiguous()?, bias)
+        Ok((weight.t()?.contiguous()?, vb.get(out, "bias")?))
     }
 
     fn new(weight_t: Tensor, bias: Tensor) -> Result<Self> {
@@ -58,9 +63,9 @@ impl Linear {
         }
     }
 
-    fn fused(parts: &[Linear]) -> Result<Self> {
-        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight_t).collect();
-        let biases: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
+    fn fused(parts: &[(Tensor, Tensor)]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.0).collect();
+        let biases: Vec<&Tensor> = parts.iter().map(|p| &p.1).collect();
         Self::new(
             Tensor::cat(&weights, 1)?.contiguous()?,
             Tensor::cat(&biases, 0)?,
@@ -134,12 +139,11 @@ impl Bert {
             let s = a.pp("self");
             // The attention's 1/sqrt(head size), folded into the query.
             let scale = 1.0 / ((h / config.num_attention_heads) as f64).sqrt();
-            let query = Linear::load(&s.pp("query"), h, h)?;
-            let query = Linear::new((query.weight_t * scale)?, (query.bias * scale)?)?;
+            let (query, query_bias) = Linear::parts(&s.pp("query"), h, h)?;
             let qkv = Linear::fused(&[
-                query,
-                Linear::load(&s.pp("key"), h, h)?,
-                Linear::load(&s.pp("value"), h, h)?,
+                ((query * scale)?, (query_bias * scale)?),
+                Linear::parts(&s.pp("key"), h, h)?,
+                Linear::parts(&s.pp("value"), h, h)?,
             ])?;
             layers.push(Layer {
                 qkv,

@@ -106,10 +106,16 @@ impl MiniLm {
         }
         let ids = Tensor::from_vec(ids, (batch, len), &inner.device).map_err(infer)?;
         let mask = Tensor::from_vec(mask, (batch, len), &inner.device).map_err(infer)?;
-        // On one of rayon's workers: the encoder's parallel passes then start
-        // on this thread and short ones (a query's) run inline, instead of
-        // each being handed to the pool from outside and waited for.
-        let hidden = rayon::scope(|_| inner.model.forward(&ids, &mask, lane)).map_err(infer)?;
+        let hidden = match lane {
+            // On one of rayon's workers: the encoder's parallel passes then
+            // start on this thread and short ones (a query's) run inline,
+            // instead of each being handed to the pool from outside.
+            Lane::Query => rayon::scope(|_| inner.model.forward(&ids, &mask, lane)),
+            // From this blocking thread: when it pauses for a query
+            // (`lanes.rs`), no rayon worker is held, so the query has them all.
+            Lane::Background => inner.model.forward(&ids, &mask, lane),
+        }
+        .map_err(infer)?;
         // Mean over real tokens only, then unit length: sentence-transformers' pooling.
         let mask = mask
             .to_dtype(DType::F32)

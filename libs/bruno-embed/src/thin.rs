@@ -30,6 +30,8 @@ pub struct Panels {
     data: Vec<f32>,
     k: usize,
     n: usize,
+    /// The SIMD level, detected once at load.
+    arch: Arch,
 }
 
 impl Panels {
@@ -49,7 +51,12 @@ impl Panels {
                 data.extend_from_slice(&row[p * PANEL..(p + 1) * PANEL]);
             }
         }
-        Ok(Self { data, k, n })
+        Ok(Self {
+            data,
+            k,
+            n,
+            arch: Arch::new(),
+        })
     }
 
     /// `x · w`: `x` `[rows, k]` f32 → `[rows, n]`.
@@ -102,7 +109,7 @@ impl Panels {
             return staged;
         }
         let per_task = panels.div_ceil(2 * rayon::current_num_threads()).max(1);
-        let arch = Arch::new();
+        let arch = self.arch;
         staged
             .par_chunks_mut(per_task * m * PANEL)
             .zip(self.data.par_chunks(per_task * k * PANEL))
