@@ -298,7 +298,7 @@ async fn main() {
     let cd = consumer(&h, n, DEFAULT_PREFETCH).await;
     println!("---");
     println!(
-        "ingress / raw throughput at c={concurrency}: {:.1} % (goal >= 70 %)",
+        "ingress / raw throughput at c={concurrency}: {:.1} % (goal >= 75 %)",
         100.0 * ing_rate / raw_rate
     );
     let added = |a: &Histogram<u64>, b: &Histogram<u64>, q: f64| {

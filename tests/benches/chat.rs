@@ -20,6 +20,8 @@
 //!
 //! Run: `cargo bench -p bruno-system-tests --bench chat` (BENCH_TURNS,
 //! BENCH_PACE_MS, BENCH_PACED_TURNS, BENCH_TRACE_TURNS, BENCH_TRACE_ROUNDS).
+//! `BENCH_ONLY=floor` runs only the 1-session turns and the in-process
+//! floor they are compared with (about 30 s, for before/after runs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[global_allocator]
@@ -357,6 +359,9 @@ async fn main() {
         }
         _ => {}
     }
+    // BENCH_ONLY=floor: only the 1-session turns against the in-process
+    // floor (the ratio of the goal), for quick before/after runs.
+    let only_floor = std::env::var("BENCH_ONLY").as_deref() == Ok("floor");
     let config = fleet_config(&h.config, dir.path(), &url);
     let config_for_stages = config.embedder.clone();
     let shutdown = CancellationToken::new();
@@ -368,7 +373,8 @@ async fn main() {
     *own.lock().unwrap() = Histogram::new(3).unwrap();
 
     let mut single = None;
-    for sessions in [1usize, 16] {
+    let concurrencies: &[usize] = if only_floor { &[1] } else { &[1, 16] };
+    for &sessions in concurrencies {
         let started = Instant::now();
         let hist = turns(gateway, sessions, total).await;
         if sessions == 1 {
@@ -388,24 +394,30 @@ async fn main() {
         );
     }
     let every = Duration::from_millis(env_or("BENCH_PACE_MS", 1000) as u64);
-    let per_session = env_or("BENCH_PACED_TURNS", 20);
+    let per_session = if only_floor {
+        0
+    } else {
+        env_or("BENCH_PACED_TURNS", 20)
+    };
     let hist = paced(gateway, 16, per_session, every).await;
     let llm = std::mem::replace(&mut *own.lock().unwrap(), Histogram::new(3).unwrap());
-    println!(
-        "16 sessions paced, each asking every {} ms ({:.0} turns/s offered), {} turns: turn p50 {:.2} ms p99 {:.2} ms; overhead p50 {:.2} ms p99 {:.2} ms — goal p50 <= 5, p99 <= 15",
-        every.as_millis(),
-        16.0 / every.as_secs_f64(),
-        16 * per_session,
-        ms(&hist, 0.5),
-        ms(&hist, 0.99),
-        ms(&hist, 0.5) - ms(&llm, 0.5),
-        ms(&hist, 0.99) - ms(&llm, 0.99),
-    );
+    if !only_floor {
+        println!(
+            "16 sessions paced, each asking every {} ms ({:.0} turns/s offered), {} turns: turn p50 {:.2} ms p99 {:.2} ms; overhead p50 {:.2} ms p99 {:.2} ms — goal p50 <= 5, p99 <= 15",
+            every.as_millis(),
+            16.0 / every.as_secs_f64(),
+            16 * per_session,
+            ms(&hist, 0.5),
+            ms(&hist, 0.99),
+            ms(&hist, 0.5) - ms(&llm, 0.5),
+            ms(&hist, 0.99) - ms(&llm, 0.99),
+        );
+    }
     let floor = stages(
         &config_for_stages,
         &dir,
         // Warm-up, 1 session, 16 sessions (each asks total / 16), paced.
-        20 + total + total / 16 * 16 + 16 * per_session,
+        20 + total + concurrencies.len().saturating_sub(1) * (total / 16 * 16) + 16 * per_session,
         &url,
     )
     .await;
@@ -419,6 +431,12 @@ async fn main() {
             ms(&floor, 0.99),
             ms(&single, 0.99) / ms(&floor, 0.99),
         );
+    }
+    if only_floor {
+        shutdown.cancel();
+        let _ = fleet.await;
+        h.cleanup().await;
+        return;
     }
     let ttft = first_deltas(gateway, 100).await;
     let llm = own.lock().unwrap().clone();
