@@ -331,8 +331,9 @@ impl Broker {
         self.publish_all(std::slice::from_ref(event)).await
     }
 
-    /// Publish events to the events exchange, pipelined; returns once every
-    /// one is confirmed, or with the first failure.
+    /// Publish events to the events exchange, pipelined on one channel (so
+    /// a queue that gets several of them gets them in this order); returns
+    /// once every one is confirmed, or with the first failure.
     pub async fn publish_all(&self, events: &[Event]) -> Result<(), PublishError> {
         let exchange = self.inner.topology.names.exchange();
         // One producer span per event, open until the broker confirmed; its
@@ -489,10 +490,12 @@ impl Broker {
             mandatory: true,
             ..Default::default()
         };
+        // One channel for the whole call: its messages reach their queues
+        // in the order given (a turn's last deltas, then its final reply).
+        let channel = session.channel();
         let mut confirms = Vec::with_capacity(messages.len());
         for (props, body) in messages {
-            let sent = session
-                .channel()
+            let sent = channel
                 .basic_publish(exchange.clone(), routing_key.clone(), options, body, props)
                 .await;
             match sent {

@@ -322,20 +322,24 @@ impl Generator {
         seq: u64,
         texts: Vec<String>,
     ) -> Result<(), HandlerError> {
-        let deltas: Vec<Event> = texts
-            .into_iter()
-            .zip(seq..)
-            .map(|(text, seq)| {
-                reply_event(
-                    cause,
-                    &ctx.source,
-                    u32::try_from(seq).unwrap_or(u32::MAX),
-                    &ChatDelta { seq, text },
-                )
-            })
-            .collect();
-        ctx.emit(&deltas).await
+        ctx.emit(&deltas(ctx, cause, seq, texts)).await
     }
+}
+
+/// `texts` as the `chat.delta` replies to `cause` numbered from `seq`.
+fn deltas(ctx: &Context, cause: &Event, seq: u64, texts: Vec<String>) -> Vec<Event> {
+    texts
+        .into_iter()
+        .zip(seq..)
+        .map(|(text, seq)| {
+            reply_event(
+                cause,
+                &ctx.source,
+                u32::try_from(seq).unwrap_or(u32::MAX),
+                &ChatDelta { seq, text },
+            )
+        })
+        .collect()
 }
 
 impl Handler for Generator {
@@ -359,6 +363,8 @@ impl Handler for Generator {
         };
         let mut answer = String::new();
         let mut outcome: Result<Usage, String> = Err("circuit breaker open".into());
+        // The stream's last deltas, emitted before the final reply.
+        let mut tail: Vec<Event> = Vec::new();
         if self.may_call() {
             let started = Instant::now();
             // The LLM's pieces go through a channel to a publisher that
@@ -381,8 +387,16 @@ impl Handler for Generator {
                 while rx.recv_many(&mut batch, 256).await > 0 {
                     first.get_or_insert_with(Instant::now);
                     let texts = std::mem::take(&mut batch);
-                    let n = texts.len() as u64;
                     texts.iter().for_each(|t| answer.push_str(t));
+                    if rx.is_closed() && rx.is_empty() {
+                        // The stream has ended: these last pieces go out
+                        // with the final reply, in one pipelined publish on
+                        // one channel (so in order), saving a confirm round
+                        // trip before it (~1.4 ms of a turn in the chat
+                        // bench's hops).
+                        return (first, failed, deltas(ctx, event, seq, texts));
+                    }
+                    let n = texts.len() as u64;
                     if failed.is_none()
                         && let Err(e) = self.publish_deltas(ctx, event, seq, texts).await
                     {
@@ -390,12 +404,13 @@ impl Handler for Generator {
                     }
                     seq += n;
                 }
-                (first, failed)
+                (first, failed, Vec::new())
             };
-            let (result, (first, publish_error)) = tokio::join!(stream, publisher);
+            let (result, (first, publish_error, last)) = tokio::join!(stream, publisher);
             if let Some(e) = publish_error {
                 return Err(e); // the broker is down: the turn is retried later
             }
+            tail = last;
             match result {
                 Ok(usage) => {
                     self.record(true);
@@ -442,7 +457,8 @@ impl Handler for Generator {
                     reason: "llm_unavailable".into(),
                     message: reason,
                 };
-                return Ok(vec![reply_event(event, &ctx.source, 0, &failed)]);
+                tail.push(reply_event(event, &ctx.source, 0, &failed));
+                return Ok(tail);
             }
             Err(_) => {
                 self.metrics.fallbacks.inc();
@@ -458,6 +474,7 @@ impl Handler for Generator {
                 }
             }
         };
-        Ok(vec![reply_event(event, &ctx.source, 0, &done)])
+        tail.push(reply_event(event, &ctx.source, 0, &done));
+        Ok(tail)
     }
 }
