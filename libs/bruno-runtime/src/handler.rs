@@ -19,6 +19,8 @@ pub struct Context {
     /// Fires when the process is shutting down (stop taking new work).
     pub shutdown: CancellationToken,
     broker: Option<Broker>,
+    /// Pull mode: the returned events are published together, in order.
+    pull: bool,
     tasks: TaskTracker,
     /// Fires once the part has drained and its `stop` hook has run.
     stopped: CancellationToken,
@@ -36,6 +38,7 @@ impl Context {
             source: format!("bruno/{part}"),
             part,
             broker,
+            pull: false,
             shutdown,
             tasks: TaskTracker::new(),
             stopped: CancellationToken::new(),
@@ -58,6 +61,15 @@ impl Context {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the events a handler returns are published together and in
+    /// order through the broker (pull mode), so a handler may return its
+    /// last streamed events with its outcome instead of emitting them
+    /// first. Not in push mode: Knative takes one reply event, the final
+    /// one.
+    pub fn returns_stream(&self) -> bool {
+        self.pull
     }
 
     /// Run long-lived work of the part (a batcher, say) under the runtime.
@@ -345,7 +357,8 @@ pub async fn run_pull<H: Handler>(
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) {
-    let ctx = Context::new(part, Some(broker.clone()), shutdown.clone());
+    let mut ctx = Context::new(part, Some(broker.clone()), shutdown.clone());
+    ctx.pull = true;
     handler.start(&ctx).await;
     let tick_stop = shutdown.child_token();
     let ticker = tokio::spawn(ticks(handler.clone(), ctx.clone(), tick_stop.clone()));

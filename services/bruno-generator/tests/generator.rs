@@ -29,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 const UP: u8 = 0;
 const DOWN: u8 = 1;
 const HANG: u8 = 2;
+/// The whole answer in one body, as a fast server on the same host sends it.
+const BURST: u8 = 3;
 
 const PIECES: &[&str] = &["Vorpalite ", "is a rare ", "blue mineral ", "[1]."];
 
@@ -50,6 +52,14 @@ async fn respond(llm: &Llm, body: Value, lines: Vec<String>) -> axum::response::
                 .unwrap();
         }
         HANG => tokio::time::sleep(Duration::from_secs(3600)).await,
+        BURST => {
+            return axum::response::Response::builder()
+                .status(200)
+                .body(Body::from(
+                    lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+                ))
+                .unwrap();
+        }
         _ => {}
     }
     // One line at a time, with a pause, as a real server streams.
@@ -182,6 +192,11 @@ struct Fixture {
 }
 
 async fn fixture(llm: LlmConfig, idle_timeout_ms: u64) -> Fixture {
+    fixture_observed(llm, idle_timeout_ms, 64).await
+}
+
+/// `observer_prefetch` 1 records the replies in their queue's order.
+async fn fixture_observed(llm: LlmConfig, idle_timeout_ms: u64, observer_prefetch: u16) -> Fixture {
     let h = Harness::new(vec![
         PartSpec::on_types("generator", &[ChatContextualized::TYPE]),
         PartSpec::on_types(
@@ -213,7 +228,7 @@ async fn fixture(llm: LlmConfig, idle_timeout_ms: u64) -> Fixture {
         tokio::spawn(bruno_runtime::run_pull(
             h.broker.clone(),
             "observer",
-            64,
+            observer_prefetch,
             recorder,
             stop.clone(),
         )),
@@ -428,4 +443,75 @@ async fn a_hanging_llm_times_out_into_the_fallback() {
     let done: ChatCompleted = decode_data(&last).unwrap();
     assert!(done.fallback);
     f.stop().await;
+}
+
+/// An answer that arrives all at once: the generator sends the pieces that
+/// came after the stream ended together with `chat.completed`, on one
+/// channel; they still reach the queue as every delta in order, then the
+/// final reply.
+#[tokio::test]
+async fn an_answer_that_arrives_at_once_still_streams_every_delta_in_order_before_the_final_reply()
+{
+    let (llm, url) = llm_server().await;
+    llm.mode.store(BURST, Ordering::SeqCst);
+    let mut f = fixture_observed(
+        LlmConfig::Ollama {
+            url,
+            model: "m".into(),
+        },
+        5000,
+        1,
+    )
+    .await;
+    for _ in 0..5 {
+        let (deltas, last) = f.ask(turn("What is vorpalite?", true)).await;
+        let done: ChatCompleted = decode_data(&last).unwrap();
+        assert!(!done.fallback, "{}", done.answer);
+        assert_eq!(
+            deltas.iter().map(|d| d.seq).collect::<Vec<_>>(),
+            (0..PIECES.len() as u64).collect::<Vec<_>>(),
+            "every delta, in order, before chat.completed"
+        );
+        let joined: String = deltas.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(joined, done.answer);
+        assert_eq!(done.answer, PIECES.concat());
+    }
+    f.stop().await;
+}
+
+/// In push mode (no broker) Knative takes one reply: an answer that
+/// arrives at once is still answered with `chat.completed` alone.
+#[tokio::test]
+async fn in_push_mode_an_answer_that_arrives_at_once_is_the_one_reply() {
+    let (llm, url) = llm_server().await;
+    llm.mode.store(BURST, Ordering::SeqCst);
+    let config = GeneratorConfig {
+        llm: LlmConfig::Ollama {
+            url,
+            model: "m".into(),
+        },
+        ..GeneratorConfig::default()
+    };
+    let generator = Arc::new(Generator::new(config, GeneratorMetrics::default()));
+    let ctx = bruno_runtime::Context::new("generator", None, CancellationToken::new());
+    let router = bruno_runtime::push_router(generator, ctx, 1 << 20);
+    let stop = CancellationToken::new();
+    let (addr, _task) =
+        bruno_runtime::admin::serve("127.0.0.1:0".parse().unwrap(), router, stop.clone())
+            .await
+            .unwrap();
+    let event = turn("What is vorpalite?", true);
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/"))
+        .header("content-type", "application/cloudevents+json")
+        .body(serde_json::to_vec(&event).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["ce-type"], ChatCompleted::TYPE);
+    let done: ChatCompleted = r.json().await.unwrap();
+    assert_eq!(done.answer, PIECES.concat());
+    assert!(!done.fallback);
+    stop.cancel();
 }
