@@ -11,7 +11,7 @@ use lancedb::arrow::arrow_array::{
 use lancedb::arrow::arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use lancedb::index::Index;
 use lancedb::index::scalar::BTreeIndexBuilder;
-use lancedb::query::{ExecutableQuery, QueryBase, Select};
+use lancedb::query::{ColumnOrdering, ExecutableQuery, QueryBase, Select};
 use lancedb::{Connection, DistanceType, Table};
 
 use crate::sql::quote;
@@ -239,10 +239,22 @@ impl Conversations {
         session_id: &str,
         n: usize,
     ) -> Result<Vec<TurnRow>, StoreError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        // Newest first, the last `n` only: LanceDB sorts the session's
+        // timestamps and roles (a top-n) and reads the texts of those `n`
+        // rows alone, so a long session costs little more than a short one.
+        // At the same instant an answer is newer than its question.
         let batches: Vec<RecordBatch> = self
             .table
             .query()
             .only_if(format!("session_id = {}", quote(session_id)))
+            .order_by(Some(vec![
+                ColumnOrdering::desc_nulls_last("created_at".into()),
+                ColumnOrdering::asc_nulls_last("role".into()),
+            ]))
+            .limit(n)
             .select(Select::columns(&[
                 "id",
                 "session_id",
@@ -255,15 +267,15 @@ impl Conversations {
             .await?
             .try_collect()
             .await?;
-        let mut all = turns(&batches)?;
-        // Oldest first; a question sorts before its answer at the same instant.
-        all.sort_by(|a, b| {
+        let mut last = turns(&batches)?;
+        // Oldest first; a question sorts before its answer at the same
+        // instant (the same order, whatever order the batches came in).
+        last.sort_by(|a, b| {
             a.at_micros
                 .cmp(&b.at_micros)
                 .then_with(|| b.role.cmp(&a.role))
         });
-        let skip = all.len().saturating_sub(n);
-        Ok(all.split_off(skip))
+        Ok(last)
     }
 
     /// The session's `k` turns nearest to `vector`, best first.

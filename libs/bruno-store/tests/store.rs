@@ -317,6 +317,23 @@ async fn session_memory_reads_one_session_and_survives_compaction() {
                 "alice answer 19 on topic19",
             ]
         );
+        // An odd count cuts a turn: the answer is the newer of the pair.
+        let three = conversations.recent("alice", 3).await.unwrap();
+        let said: Vec<&str> = three.iter().map(|t| t.text.as_str()).collect();
+        assert_eq!(
+            said,
+            [
+                "alice answer 18 on topic18",
+                "alice question 19 about topic19",
+                "alice answer 19 on topic19",
+            ]
+        );
+        // More than the session holds: all of it, oldest first.
+        let all = conversations.recent("alice", 100).await.unwrap();
+        assert_eq!(all.len(), 40);
+        assert_eq!(all[0].text, "alice question 0 about topic0");
+        assert_eq!(all[39].text, "alice answer 19 on topic19");
+        assert!(conversations.recent("alice", 0).await.unwrap().is_empty());
         let related = conversations
             .related("alice", &embed("question about topic7"), 2)
             .await
