@@ -42,6 +42,8 @@ async fn routing_matches_all_headers_then_observed_then_unroutable(kind: BrokerK
             ("source".to_owned(), "tests/mine".to_owned()),
         ])],
         single_active_consumer: false,
+        // Requests: a classic queue on RabbitMQ (ADR 17).
+        interactive: true,
     };
     let topology = Topology::new(&config, vec![doc_part("docs"), searcher])
         .with_observed([DocumentIndexed::TYPE]);
@@ -191,6 +193,25 @@ async fn a_dead_consumer_s_messages_are_redelivered_marked(kind: BrokerKind) {
     h.cleanup().await;
 }
 
+/// A consumer of `part` that takes a message and dies holding it, as a
+/// crash does; whether it took one within `wait`.
+async fn killed_holding(h: &Harness, part: &str, wait: Duration) -> bool {
+    let (broker, cancel) = h.doomed().await;
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let doomed = tokio::spawn(bruno_broker::consume(
+        broker,
+        part.into(),
+        1,
+        Arc::new(Holder { seen: tx }),
+        CancellationToken::new(),
+    ));
+    let took = tokio::time::timeout(wait, started.recv()).await;
+    doomed.abort();
+    let _ = doomed.await;
+    cancel.cancel();
+    took.is_ok()
+}
+
 /// Panics-free handler that never settles: its messages come back until
 /// the delivery limit dead-letters them.
 async fn a_message_that_keeps_killing_consumers_is_dead_lettered_by_the_limit(kind: BrokerKind) {
@@ -203,20 +224,7 @@ async fn a_message_that_keeps_killing_consumers_is_dead_lettered_by_the_limit(ki
     let mut kills = 0;
     while h.depth(&dlq).await == 0 {
         assert!(kills < 10, "never dead-lettered after {kills} kills");
-        let (broker, cancel) = h.doomed().await;
-        let (tx, mut started) = mpsc::unbounded_channel();
-        let doomed = tokio::spawn(bruno_broker::consume(
-            broker,
-            "deadly".into(),
-            1,
-            Arc::new(Holder { seen: tx }),
-            CancellationToken::new(),
-        ));
-        let took = tokio::time::timeout(Duration::from_secs(3), started.recv()).await;
-        doomed.abort();
-        let _ = doomed.await;
-        cancel.cancel();
-        if took.is_ok() {
+        if killed_holding(&h, "deadly", Duration::from_secs(3)).await {
             kills += 1;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -229,6 +237,149 @@ async fn a_message_that_keeps_killing_consumers_is_dead_lettered_by_the_limit(ki
     assert_eq!(letters[0].id, event.id());
     assert_eq!(letters[0].code, "broker", "{:?}", letters[0]);
     assert_eq!(h.depth(&h.queue("deadly")).await, 0);
+    h.cleanup().await;
+}
+
+/// An interactive part (ADR 17): it takes searches, on a classic queue on
+/// RabbitMQ.
+fn asker() -> PartSpec {
+    PartSpec::on_types("asker", &[SearchRequested::TYPE]).interactive()
+}
+
+fn search_request(id: &str) -> Event {
+    let mut e = typed(SearchRequested::TYPE, "tests");
+    e.set_id(id);
+    e
+}
+
+/// Waits (up to 15 s) for `queue` to hold `n` messages.
+async fn await_depth(h: &Harness, queue: &str, n: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while h.depth(queue).await < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} never held {n} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A request nobody takes is dead-lettered once its TTL passed (nobody
+/// awaits it any more), saying why, and leaves its queue.
+async fn a_request_nobody_takes_within_its_ttl_is_dead_lettered_as_expired(kind: BrokerKind) {
+    let mut config = test_config();
+    config.request_ttl_ms = 300;
+    let h = Harness::on_config(kind, config, vec![asker()]).await;
+    h.broker.publish(&search_request("late")).await.unwrap();
+    let dlq = h.topology.names.dlq("asker");
+    await_depth(&h, &dlq, 1).await;
+    let letters = bruno_broker::dlq::list(&h.broker, "asker", 10)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].id, "late");
+    assert_eq!(letters[0].code, "broker");
+    assert!(letters[0].reason.contains("expired"), "{:?}", letters[0]);
+    assert_eq!(h.depth(&h.queue("asker")).await, 0);
+    h.cleanup().await;
+}
+
+/// A classic queue has no delivery limit: a request that kills every
+/// consumer taking it still leaves, at its TTL (a requeued message keeps
+/// its expiry), instead of killing consumers for ever.
+async fn a_request_that_keeps_killing_consumers_expires_instead_of_looping(kind: BrokerKind) {
+    let mut config = test_config();
+    config.request_ttl_ms = 1_500;
+    // Far above what 1.5 s of crashes reach: the TTL must end it.
+    config.delivery_limit = 1_000;
+    let h = Harness::on_config(kind, config, vec![asker()]).await;
+    h.broker.publish(&search_request("deadly")).await.unwrap();
+    let dlq = h.topology.names.dlq("asker");
+    let mut kills = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while h.depth(&dlq).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never expired after {kills} kills"
+        );
+        if killed_holding(&h, "asker", Duration::from_millis(400)).await {
+            kills += 1;
+        }
+        // A restarting consumer's pause (else the embedded broker, in this
+        // process, would reach its own delivery limit within the TTL).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(kills >= 2, "expired after only {kills} deliveries");
+    let letters = bruno_broker::dlq::list(&h.broker, "asker", 10)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].id, "deadly");
+    assert!(letters[0].reason.contains("expired"), "{:?}", letters[0]);
+    assert_eq!(h.depth(&h.queue("asker")).await, 0);
+    h.cleanup().await;
+}
+
+/// An interactive part's queue is bounded: past `request_max_length` the
+/// publish is refused (the gateway answers 503) and nothing is queued.
+async fn a_full_request_queue_refuses_the_publish(kind: BrokerKind) {
+    let mut config = test_config();
+    config.request_max_length = 2;
+    let h = Harness::on_config(kind, config, vec![asker()]).await;
+    h.broker.publish(&search_request("r1")).await.unwrap();
+    h.broker.publish(&search_request("r2")).await.unwrap();
+    let refused = h.broker.publish(&search_request("r3")).await;
+    assert!(matches!(refused, Err(PublishError::Nacked)), "{refused:?}");
+    let taken = h.take(&h.queue("asker"), Duration::from_millis(300)).await;
+    assert_eq!(ids(&taken), ["r1", "r2"]);
+    h.cleanup().await;
+}
+
+/// RabbitMQ: a part that became interactive finds its quorum queue from
+/// before ADR 17. Empty and unconsumed, it is replaced by the classic one
+/// at start-up; holding messages, it is kept and the error says why.
+#[tokio::test]
+async fn a_quorum_queue_from_before_adr_17_is_replaced_only_when_empty() {
+    let config = test_config();
+    let mut old = PartSpec::on_types("asker", &[SearchRequested::TYPE]);
+    old.interactive = false;
+    let h = Harness::with_config(config.clone(), vec![old]).await;
+    let new = Topology::new(&config, vec![asker()]);
+    let conn = h.raw().await;
+
+    // Holding a message: kept, and a clear error.
+    h.broker.publish(&search_request("waiting")).await.unwrap();
+    let err = new.declare_on(&conn).await.unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(
+            err,
+            bruno_broker::TopologyError::Replace {
+                messages: 1,
+                consumers: 0,
+                ..
+            }
+        ),
+        "{message}"
+    );
+    assert!(message.contains("0017"), "{message}");
+    assert_eq!(h.depth(&h.queue("asker")).await, 1);
+
+    // Empty: replaced; declaring the classic queue again is then a no-op
+    // (RabbitMQ refuses a redeclaration with other arguments or type).
+    assert_eq!(
+        h.take(&h.queue("asker"), Duration::from_millis(300))
+            .await
+            .len(),
+        1
+    );
+    new.declare_on(&conn).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    new.declare(&ch).await.unwrap();
+    // Its bindings were declared anew with it: requests reach it.
+    h.broker.publish(&search_request("fresh")).await.unwrap();
+    assert_eq!(h.depth(&h.queue("asker")).await, 1);
+    let _ = conn.close(200, "".into()).await;
     h.cleanup().await;
 }
 
@@ -374,6 +525,9 @@ bruno_system_tests::on_both!(
     a_message_that_keeps_killing_consumers_is_dead_lettered_by_the_limit,
     request_reply_gets_the_correlated_answer_and_the_inbox_goes_away,
     only_the_single_active_consumer_takes_until_it_leaves,
+    a_request_nobody_takes_within_its_ttl_is_dead_lettered_as_expired,
+    a_request_that_keeps_killing_consumers_expires_instead_of_looping,
+    a_full_request_queue_refuses_the_publish,
 );
 
 /// Counts handled events.

@@ -5,8 +5,14 @@
 //! publish throughput and p50/p99 latency, and consumer throughput with a
 //! no-op handler at prefetch 1 and at the default prefetch.
 //!
+//! Then one hop, the way a chat turn crosses the broker: an event published
+//! with `Broker::publish` (confirmed) until a consumer's handler has it,
+//! one at a time, on a quorum queue (the baseline) and on an interactive
+//! part's classic queue (ADR 17), in interleaved rounds.
+//!
 //! Run: `cargo bench -p bruno-system-tests --bench backbone`
-//! (env BENCH_N, BENCH_CONCURRENCY to change the load).
+//! (env BENCH_N, BENCH_CONCURRENCY to change the load; `BENCH_ONLY=hop`
+//! runs only the hop).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 /// The same allocator as the `bruno` binary.
@@ -260,8 +266,96 @@ async fn consumer(h: &Harness, n: usize, prefetch: u16) -> f64 {
     rate
 }
 
+/// Stamps when its handler got each event.
+struct Stamp(tokio::sync::mpsc::UnboundedSender<Instant>);
+
+impl Handler for Stamp {
+    type Input = Raw;
+    async fn handle(&self, _: Incoming<Raw>, _: &Context) -> Result<Vec<Event>, HandlerError> {
+        let _ = self.0.send(Instant::now());
+        Ok(vec![])
+    }
+}
+
+/// One hop at a time, publish (with confirm) to the handler, on a quorum
+/// queue and on an interactive part's classic queue, `rounds` interleaved
+/// rounds of `per_round` events each.
+async fn hop(rounds: usize, per_round: usize) {
+    use bruno_events::AttributesWriter;
+    use bruno_events::payload::{ChatRequested, SearchRequested};
+    println!("---");
+    let quorum = bruno_broker::PartSpec::on_types("hop-quorum", &[ChatRequested::TYPE]);
+    let classic =
+        bruno_broker::PartSpec::on_types("hop-classic", &[SearchRequested::TYPE]).interactive();
+    let h = Harness::with_config(bruno_system_tests::test_config(), vec![quorum, classic]).await;
+    let shutdown = CancellationToken::new();
+    let mut stamps = Vec::new();
+    for part in ["hop-quorum", "hop-classic"] {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(bruno_runtime::run_pull(
+            h.broker.clone(),
+            part,
+            DEFAULT_PREFETCH,
+            Arc::new(Stamp(tx)),
+            shutdown.clone(),
+        ));
+        stamps.push(rx);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut hists = [
+        Histogram::<u64>::new(3).unwrap(),
+        Histogram::<u64>::new(3).unwrap(),
+    ];
+    for round in 0..=rounds {
+        for (i, ty) in [ChatRequested::TYPE, SearchRequested::TYPE]
+            .into_iter()
+            .enumerate()
+        {
+            for _ in 0..per_round {
+                let mut e = event_1k();
+                e.set_type(ty);
+                let t = Instant::now();
+                h.broker.publish(&e).await.unwrap();
+                let got = stamps[i].recv().await.unwrap();
+                // Round 0 warms up both queues and connections.
+                if round > 0 {
+                    hists[i]
+                        .record(got.duration_since(t).as_micros() as u64)
+                        .unwrap();
+                }
+            }
+        }
+    }
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    for (name, hist) in [
+        "quorum queue (baseline)",
+        "classic queue (interactive part, ADR 17)",
+    ]
+    .iter()
+    .zip(&hists)
+    {
+        println!(
+            "one hop, publish -> handler, {name:42} p50 {:>7.3} ms   p99 {:>7.3} ms",
+            ms(hist, 0.5),
+            ms(hist, 0.99)
+        );
+    }
+    println!(
+        "one hop on the classic queue / on the quorum queue: p50 {:.2}x, p99 {:.2}x ({rounds} interleaved rounds of {per_round})",
+        ms(&hists[1], 0.5) / ms(&hists[0], 0.5),
+        ms(&hists[1], 0.99) / ms(&hists[0], 0.99),
+    );
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.cleanup().await;
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("hop") {
+        hop(env_or("BENCH_HOP_ROUNDS", 5), env_or("BENCH_HOP_N", 200)).await;
+        return;
+    }
     let n = env_or("BENCH_N", 20_000);
     let concurrency = env_or("BENCH_CONCURRENCY", 32);
     let mut config = bruno_system_tests::test_config();
@@ -312,6 +406,7 @@ async fn main() {
         );
     }
     println!("consumer prefetch {DEFAULT_PREFETCH} vs 1: {:.1}x", cd / c1);
+    hop(env_or("BENCH_HOP_ROUNDS", 5), env_or("BENCH_HOP_N", 200)).await;
     let h = std::sync::Arc::new(h);
     tracing_cost(h.clone(), n, concurrency).await;
     if let Ok(h) = std::sync::Arc::try_unwrap(h) {

@@ -58,6 +58,15 @@ pub struct BrokerConfig {
     pub observed_ttl_ms: u64,
     /// How often queue depths are read for the metrics (0: never).
     pub queue_stats_ms: u64,
+    /// How long a request a caller awaits (the work of an interactive
+    /// part: `search.requested`, `chat.requested`, …) may wait in its
+    /// queue before it is dead-lettered as expired (ADR 17). Longer than
+    /// the gateway's timeouts, so no awaited request expires.
+    pub request_ttl_ms: u64,
+    /// Most requests an interactive part's queue holds; past it a publish
+    /// is refused (the gateway answers 503) instead of queueing work
+    /// nobody will wait for.
+    pub request_max_length: u32,
 }
 
 impl Default for BrokerConfig {
@@ -84,6 +93,8 @@ impl Default for BrokerConfig {
             observed_max_length: 1_000,
             observed_ttl_ms: 600_000,
             queue_stats_ms: 15_000,
+            request_ttl_ms: 120_000,
+            request_max_length: 10_000,
         }
     }
 }

@@ -447,6 +447,11 @@ impl Broker {
                         count("returned");
                         Err(PublishError::Returned(format!("NO_ROUTE {q}")))
                     }
+                    Err(e @ crate::embedded::Refused::Full(_)) => {
+                        count("nacked");
+                        warn!(error = %e, "embedded broker refused a publish: the queue is full");
+                        Err(PublishError::Nacked)
+                    }
                     Err(e @ crate::embedded::Refused::Journal(_)) => {
                         count("nacked");
                         warn!(error = %e, "embedded broker refused a publish");
@@ -571,9 +576,7 @@ async fn open(inner: &Inner) -> Result<(Session, BoxStream<'static, lapin::Event
         Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?)
             .await?;
     let events = connection.events_listener().boxed();
-    let setup = connection.create_channel().await?;
-    inner.topology.declare(&setup).await?;
-    let _ = setup.close(200, "topology declared".into()).await;
+    inner.topology.declare_on(&connection).await?;
     let mut channels = Vec::new();
     for _ in 0..inner.config.publish_channels.max(1) {
         let channel = connection.create_channel().await?;

@@ -49,8 +49,15 @@ struct Msg {
 
 #[derive(Debug, Clone)]
 enum Kind {
-    /// A part's work queue: dead-letters into `dlq` after `limit` returns.
-    Work { dlq: String, limit: u32 },
+    /// A part's work queue: dead-letters into `dlq` after `limit` returns;
+    /// an interactive part's (ADR 17) also holds at most `max` requests
+    /// and dead-letters those older than `ttl`, as its classic queue does
+    /// on RabbitMQ.
+    Work {
+        dlq: String,
+        limit: u32,
+        requests: Option<(u32, Duration)>,
+    },
     /// A retry tier: each message moves to `target` `delay` after it came.
     Retry { delay: Duration, target: String },
     /// A dead-letter queue: kept until a person drains it.
@@ -106,6 +113,9 @@ pub enum Refused {
     /// No queue of that name (default exchange) or no such exchange.
     #[error("no route: {0}")]
     NoRoute(String),
+    /// An interactive part's queue is full (`reject-publish`).
+    #[error("queue {0} is full")]
+    Full(String),
     /// The journal could not take the message.
     #[error("journal: {0}")]
     Journal(String),
@@ -212,6 +222,7 @@ impl Embedded {
                     Kind::Work {
                         dlq,
                         limit: topology.delivery_limit,
+                        requests: part.interactive.then_some(topology.request_bounds),
                     },
                     part.single_active_consumer,
                 ),
@@ -283,7 +294,7 @@ impl Embedded {
         let mut state = self.lock();
         let mut over = Vec::new();
         for (name, q) in &mut state.queues {
-            if let Kind::Work { dlq, limit } = &q.kind {
+            if let Kind::Work { dlq, limit, .. } = &q.kind {
                 let (limit, dlq) = (*limit, dlq.clone());
                 let (dead, keep): (VecDeque<Msg>, VecDeque<Msg>) = std::mem::take(&mut q.ready)
                     .into_iter()
@@ -294,16 +305,17 @@ impl Embedded {
         }
         for (queue, dlq, m) in over {
             tracing::warn!(%queue, returns = m.returns, "a message that was being handled at every crash is dead-lettered");
-            self.dead_letter(&mut state, &queue, &dlq, m);
+            self.dead_letter(&mut state, &queue, &dlq, m, "delivery_limit");
         }
     }
 
-    /// Move `m` from `queue` to `dlq` as RabbitMQ does at the delivery limit.
-    fn dead_letter(&self, state: &mut State, queue: &str, dlq: &str, m: Msg) {
+    /// Move `m` from `queue` to `dlq` as RabbitMQ does at the delivery
+    /// limit (`delivery_limit`) or at a message TTL (`expired`).
+    fn dead_letter(&self, state: &mut State, queue: &str, dlq: &str, m: Msg, reason: &str) {
         let mut headers = m.props.headers().clone().unwrap_or_default();
         headers.insert(
             "x-first-death-reason".into(),
-            AMQPValue::LongString(LongString::from("delivery_limit")),
+            AMQPValue::LongString(LongString::from(reason)),
         );
         headers.insert(
             "x-first-death-queue".into(),
@@ -366,7 +378,15 @@ impl Embedded {
                 dropped.into_iter().for_each(|s| j.delete(s));
             }
         }
-        let retry = matches!(q.kind, Kind::Retry { .. });
+        // The timer learns when a request queue's new head expires.
+        let retry = matches!(q.kind, Kind::Retry { .. })
+            || (matches!(
+                q.kind,
+                Kind::Work {
+                    requests: Some(_),
+                    ..
+                }
+            ) && q.ready.is_empty());
         q.ready.push_back(Msg {
             seq,
             props,
@@ -415,6 +435,19 @@ impl Embedded {
             } else {
                 self.unroutable.clone()
             });
+        }
+        // Refused whole, before any queue took it (RabbitMQ's reject-publish
+        // nacks it too, though other queues may keep their copy).
+        for queue in &targets {
+            if let Some(q) = state.queues.get(queue)
+                && let Kind::Work {
+                    requests: Some((max, _)),
+                    ..
+                } = q.kind
+                && q.ready.len() >= max as usize
+            {
+                return Err(Refused::Full(queue.clone()));
+            }
         }
         for queue in targets {
             self.enqueue(
@@ -578,11 +611,11 @@ impl Embedded {
         };
         m.returns += 1;
         m.redelivered = true;
-        if let Kind::Work { dlq, limit } = &q.kind
+        if let Kind::Work { dlq, limit, .. } = &q.kind
             && m.returns > *limit
         {
             let dlq = dlq.clone();
-            self.dead_letter(&mut state, queue, &dlq, m);
+            self.dead_letter(&mut state, queue, &dlq, m, "delivery_limit");
             return;
         }
         if q.durable()
@@ -608,27 +641,62 @@ impl Embedded {
         }
     }
 
-    /// Move retry messages whose delay passed; returns when the next is due.
+    /// Dead-letter the requests at the head of `queue` that are past their
+    /// TTL (an interactive part's queue; nothing for the others).
+    fn expire_requests(&self, state: &mut State, queue: &str) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        if let Some(q) = state.queues.get_mut(queue)
+            && let Kind::Work {
+                dlq,
+                requests: Some((_, ttl)),
+                ..
+            } = &q.kind
+        {
+            while q
+                .ready
+                .front()
+                .is_some_and(|m| now.duration_since(m.at) >= *ttl)
+            {
+                if let Some(m) = q.ready.pop_front() {
+                    expired.push((dlq.clone(), m));
+                }
+            }
+        }
+        for (dlq, m) in expired {
+            self.dead_letter(state, queue, &dlq, m, "expired");
+        }
+    }
+
+    /// Move retry messages whose delay passed and dead-letter requests past
+    /// their TTL; returns when the next is due.
     fn release_due(&self) -> Option<Instant> {
         let mut state = self.lock();
         let now = Instant::now();
         let mut due = Vec::new();
         let mut next: Option<Instant> = None;
+        let mut expired = Vec::new();
         for (name, q) in &mut state.queues {
-            let Kind::Retry { delay, target } = &q.kind else {
-                continue;
-            };
-            while let Some(m) = q.ready.front() {
-                let at = m.at + *delay;
-                if at <= now {
-                    if let Some(m) = q.ready.pop_front() {
+            match &q.kind {
+                Kind::Work {
+                    dlq,
+                    requests: Some((_, ttl)),
+                    ..
+                } => {
+                    for m in pop_due(&mut q.ready, *ttl, now, &mut next) {
+                        expired.push((name.clone(), dlq.clone(), m));
+                    }
+                }
+                Kind::Retry { delay, target } => {
+                    for m in pop_due(&mut q.ready, *delay, now, &mut next) {
                         due.push((name.clone(), target.clone(), m));
                     }
-                } else {
-                    next = Some(next.map_or(at, |n| n.min(at)));
-                    break;
                 }
+                _ => {}
             }
+        }
+        for (queue, dlq, m) in expired {
+            self.dead_letter(&mut state, &queue, &dlq, m, "expired");
         }
         for (from, target, m) in due {
             let mut confirms = Vec::new();
@@ -663,6 +731,26 @@ impl Embedded {
             None => Ok(()),
         }
     }
+}
+
+/// Pop the messages at the head of `ready` that came `wait` or longer ago;
+/// fold the time the next one is due into `next`.
+fn pop_due(
+    ready: &mut VecDeque<Msg>,
+    wait: Duration,
+    now: Instant,
+    next: &mut Option<Instant>,
+) -> Vec<Msg> {
+    let mut out = Vec::new();
+    while let Some(m) = ready.front() {
+        let at = m.at + wait;
+        if at > now {
+            *next = Some(next.map_or(at, |n| n.min(at)));
+            break;
+        }
+        out.extend(ready.pop_front());
+    }
+    out
 }
 
 async fn retry_timer(broker: Weak<Embedded>) {
@@ -714,6 +802,7 @@ impl Consumer {
             notified.as_mut().enable();
             {
                 let mut state = self.broker.lock();
+                self.broker.expire_requests(&mut state, &self.queue);
                 let q = state.queues.get_mut(&self.queue)?;
                 self.broker.expire(q);
                 if q.may_take(self.id)

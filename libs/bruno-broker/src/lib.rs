@@ -33,7 +33,7 @@ pub use connection::{Broker, PublishError};
 pub use consume::{Delivered, Disposition, Processor, consume};
 pub use metrics::{BrokerMetrics, QueueLabels};
 pub use topology::manifests::render as topology_manifests;
-pub use topology::{Names, PartSpec, Topology};
+pub use topology::{Names, PartSpec, Topology, TopologyError};
 
 /// AMQP headers Bruno adds to a message besides the CloudEvent attributes.
 /// They start with `x-` so they can never collide with a CloudEvent

@@ -51,6 +51,9 @@ pub enum Role {
     Consumer {
         /// One active consumer at a time (the others are hot standbys).
         single_active: bool,
+        /// Its work is requests a caller awaits: a classic queue with a
+        /// request TTL instead of a quorum queue (ADR 17).
+        interactive: bool,
     },
     /// Serves HTTP (a Knative Service).
     Http,
@@ -159,7 +162,11 @@ impl PartEntry {
         match self.role {
             Role::Consumer {
                 single_active: true,
+                ..
             } => "queue consumer, single active",
+            Role::Consumer {
+                interactive: true, ..
+            } => "queue consumer, interactive requests",
             Role::Consumer { .. } => "queue consumer",
             Role::Http => "HTTP service",
         }
@@ -218,6 +225,7 @@ static PARTS: &[PartEntry] = &[
         about: "documents and finished turns → chunks → vectors → memory.write",
         role: Role::Consumer {
             single_active: false,
+            interactive: false,
         },
         stage: Stage::Worker,
         consumes: types_of::<EmbedderService>,
@@ -242,6 +250,7 @@ static PARTS: &[PartEntry] = &[
         about: "the one LanceDB writer: batched commits, compaction",
         role: Role::Consumer {
             single_active: true,
+            interactive: false,
         },
         stage: Stage::Store,
         consumes: types_of::<Writer>,
@@ -261,6 +270,7 @@ static PARTS: &[PartEntry] = &[
         about: "hybrid search replies and chat context",
         role: Role::Consumer {
             single_active: false,
+            interactive: true,
         },
         stage: Stage::Worker,
         consumes: types_of::<Retriever>,
@@ -285,6 +295,7 @@ static PARTS: &[PartEntry] = &[
         about: "the LLM: streamed chat.delta, chat.completed, circuit breaker",
         role: Role::Consumer {
             single_active: false,
+            interactive: true,
         },
         stage: Stage::Worker,
         consumes: types_of::<Generator>,
@@ -332,6 +343,7 @@ static PARTS: &[PartEntry] = &[
         about: "encrypted LanceDB backups, verified by a restore; retention",
         role: Role::Consumer {
             single_active: true,
+            interactive: false,
         },
         stage: Stage::Worker,
         consumes: types_of::<BackupService>,
@@ -384,13 +396,14 @@ pub fn part_specs() -> Vec<PartSpec> {
         .iter()
         .filter_map(|p| match p.role {
             Role::Http => None,
-            Role::Consumer { single_active } => {
-                let spec = PartSpec::on_types(p.name, &(p.consumes)());
-                Some(if single_active {
-                    spec.single_active()
-                } else {
-                    spec
-                })
+            Role::Consumer {
+                single_active,
+                interactive,
+            } => {
+                let mut spec = PartSpec::on_types(p.name, &(p.consumes)());
+                spec.single_active_consumer = single_active;
+                spec.interactive = interactive;
+                Some(spec)
             }
         })
         .collect()
