@@ -335,50 +335,118 @@ async fn a_full_request_queue_refuses_the_publish(kind: BrokerKind) {
     h.cleanup().await;
 }
 
+/// Answers every event with one event of type `ty`, counting calls.
+struct Forwarder {
+    ty: &'static str,
+    calls: Arc<AtomicU32>,
+}
+
+impl Processor for Forwarder {
+    async fn process(&self, event: Event, _delivered: Delivered) -> Disposition {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut out = typed(self.ty, "tests/forwarder");
+        out.set_id(format!("{}-out", event.id()));
+        Disposition::Ack(vec![out])
+    }
+}
+
+/// Outputs the broker refuses (a full request queue downstream) send the
+/// input through the retry tiers to its DLQ after `max_attempts`; requeued
+/// at once, it would come straight back until its TTL, as a classic queue
+/// has no delivery limit.
+async fn outputs_refused_by_a_full_queue_are_retried_after_a_delay_not_requeued(kind: BrokerKind) {
+    const FULL: &str = "tests.full.v1";
+    let mut config = test_config();
+    config.request_max_length = 1;
+    let max_attempts = config.max_attempts;
+    let full = PartSpec::on_types("full", &[FULL]).interactive();
+    let h = Harness::on_config(kind, config, vec![asker(), full]).await;
+    h.broker.publish(&typed(FULL, "tests")).await.unwrap();
+    h.broker.publish(&search_request("blocked")).await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn(bruno_broker::consume(
+        h.broker.clone(),
+        "asker".into(),
+        1,
+        Arc::new(Forwarder {
+            ty: FULL,
+            calls: calls.clone(),
+        }),
+        stop.clone(),
+    ));
+    let dlq = h.topology.names.dlq("asker");
+    await_depth(&h, &dlq, 1).await;
+    stop.cancel();
+    consumer.await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), max_attempts);
+    let letters = bruno_broker::dlq::list(&h.broker, "asker", 10)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].id, "blocked");
+    assert_eq!(letters[0].code, "dependency", "{:?}", letters[0]);
+    assert!(letters[0].reason.contains("refused"), "{:?}", letters[0]);
+    // The full queue kept what it had, and nothing more.
+    assert_eq!(h.depth(&h.queue("full")).await, 1);
+    h.cleanup().await;
+}
+
 /// RabbitMQ: a part that became interactive finds its quorum queue from
-/// before ADR 17. Empty and unconsumed, it is replaced by the classic one
-/// at start-up; holding messages, it is kept and the error says why.
+/// before ADR 17. Declaring keeps it as it is (every process declares the
+/// whole topology, and older replicas may still consume it); replacing
+/// (`bruno topology --replace`) refuses while it holds messages or
+/// consumers, and replaces it once it is empty and unconsumed.
 #[tokio::test]
-async fn a_quorum_queue_from_before_adr_17_is_replaced_only_when_empty() {
+async fn a_quorum_queue_from_before_adr_17_is_kept_and_replaced_only_when_empty() {
     let config = test_config();
     let mut old = PartSpec::on_types("asker", &[SearchRequested::TYPE]);
     old.interactive = false;
     let h = Harness::with_config(config.clone(), vec![old]).await;
     let new = Topology::new(&config, vec![asker()]);
     let conn = h.raw().await;
+    let queue = h.queue("asker");
 
-    // Holding a message: kept, and a clear error.
+    // Declaring keeps it, and the rest is declared: requests still reach it.
     h.broker.publish(&search_request("waiting")).await.unwrap();
-    let err = new.declare_on(&conn).await.unwrap_err();
+    assert_eq!(
+        new.declare_on(&conn).await.unwrap(),
+        std::slice::from_ref(&queue)
+    );
+    h.broker.publish(&search_request("queued")).await.unwrap();
+    assert_eq!(h.depth(&queue).await, 2);
+
+    // Holding messages: not replaced, and the error says what to do.
+    let err = new.replace_stale(&conn).await.unwrap_err();
     let message = err.to_string();
     assert!(
         matches!(
             err,
             bruno_broker::TopologyError::Replace {
-                messages: 1,
+                messages: 2,
                 consumers: 0,
                 ..
             }
         ),
         "{message}"
     );
-    assert!(message.contains("0017"), "{message}");
-    assert_eq!(h.depth(&h.queue("asker")).await, 1);
+    assert!(message.contains("bruno topology --replace"), "{message}");
+    assert_eq!(h.depth(&queue).await, 2);
 
-    // Empty: replaced; declaring the classic queue again is then a no-op
-    // (RabbitMQ refuses a redeclaration with other arguments or type).
+    // Empty: replaced. Declaring the classic queue again is then a no-op
+    // (RabbitMQ refuses a redeclaration with another type or arguments).
+    let taken = h.take(&queue, Duration::from_millis(300)).await;
+    assert_eq!(ids(&taken), ["waiting", "queued"]);
     assert_eq!(
-        h.take(&h.queue("asker"), Duration::from_millis(300))
-            .await
-            .len(),
-        1
+        new.replace_stale(&conn).await.unwrap(),
+        std::slice::from_ref(&queue)
     );
-    new.declare_on(&conn).await.unwrap();
+    assert!(new.declare_on(&conn).await.unwrap().is_empty());
     let ch = conn.create_channel().await.unwrap();
     new.declare(&ch).await.unwrap();
     // Its bindings were declared anew with it: requests reach it.
     h.broker.publish(&search_request("fresh")).await.unwrap();
-    assert_eq!(h.depth(&h.queue("asker")).await, 1);
+    assert_eq!(h.depth(&queue).await, 1);
     let _ = conn.close(200, "".into()).await;
     h.cleanup().await;
 }
@@ -528,6 +596,7 @@ bruno_system_tests::on_both!(
     a_request_nobody_takes_within_its_ttl_is_dead_lettered_as_expired,
     a_request_that_keeps_killing_consumers_expires_instead_of_looping,
     a_full_request_queue_refuses_the_publish,
+    outputs_refused_by_a_full_queue_are_retried_after_a_delay_not_requeued,
 );
 
 /// Counts handled events.

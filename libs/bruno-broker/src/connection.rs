@@ -315,6 +315,18 @@ impl Broker {
         session.broken.cancel();
     }
 
+    /// Replace the interactive parts' queues that exist with other
+    /// arguments (quorum queues from before ADR 17) by the ones the topology
+    /// declares, if empty and unconsumed: `bruno topology --replace`.
+    /// Returns the queues replaced; none on the embedded broker.
+    pub async fn replace_stale_queues(&self) -> Result<Vec<String>, TopologyError> {
+        if !matches!(self.inner.transport, Transport::Amqp) {
+            return Ok(Vec::new());
+        }
+        let session = self.current().ok_or(TopologyError::NotConnected)?;
+        self.inner.topology.replace_stale(&session.connection).await
+    }
+
     /// Open a fresh channel on the current connection (for consumers and tools).
     pub async fn open_channel(&self) -> Result<Channel, PublishError> {
         let session = self
@@ -576,6 +588,7 @@ async fn open(inner: &Inner) -> Result<(Session, BoxStream<'static, lapin::Event
         Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?)
             .await?;
     let events = connection.events_listener().boxed();
+    // Queues kept as they were declared are warned about in declare_on.
     inner.topology.declare_on(&connection).await?;
     let mut channels = Vec::new();
     for _ in 0..inner.config.publish_channels.max(1) {

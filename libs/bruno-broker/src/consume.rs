@@ -19,6 +19,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use bruno_core::ErrorCode;
 
+use crate::PublishError;
 use crate::codec::{self, header_u32};
 use crate::connection::Transport;
 use crate::{Broker, headers};
@@ -332,7 +333,11 @@ async fn handle<P: Processor>(
     .await;
 }
 
-/// Do what the disposition needs, then ack; on any publish failure, requeue.
+/// Do what the disposition needs, then ack; on a failed publish, requeue.
+/// Outputs the broker refused (a full queue's `reject-publish`) are retried
+/// after a retry tier's delay instead: requeued at once they would come
+/// straight back, and an interactive part's classic queue has no delivery
+/// limit to end that loop (ADR 17).
 async fn settle(
     broker: &Broker,
     part: &str,
@@ -341,34 +346,45 @@ async fn settle(
     disposition: Disposition,
 ) -> &'static str {
     let names = &broker.topology().names;
-    let published = match disposition {
-        Disposition::Ack(outputs) => broker.publish_all(&outputs).await.map(|()| "ack"),
-        Disposition::Retry { code, reason } => {
-            let failures = attempts + 1;
-            let max = broker.config().max_attempts.max(1);
-            match broker.topology().retry_queue(part, failures) {
-                Some(queue) if failures < max => {
-                    warn!(%code, %reason, failures, "retrying later");
-                    let props = with_error_headers(&delivery, part, code, &reason, failures);
-                    broker
-                        .publish_raw("", &queue, props, &delivery.data)
-                        .await
-                        .map(|()| "retry")
-                }
-                _ => {
-                    let reason = format!("gave up after {failures} attempts: {reason}");
-                    error!(%code, %reason, "dead-lettering");
-                    let props = with_error_headers(&delivery, part, code, &reason, failures);
-                    broker
-                        .publish_raw("", &names.dlq(part), props, &delivery.data)
-                        .await
-                        .map(|()| "dead_letter")
-                }
+    let (code, reason, retry) = match disposition {
+        Disposition::Ack(outputs) => match broker.publish_all(&outputs).await {
+            Ok(()) => {
+                delivery.settle.ack().await;
+                return "ack";
             }
+            Err(e @ (PublishError::Nacked | PublishError::Returned(_))) => (
+                ErrorCode::Dependency,
+                format!("the broker refused its outputs: {e}"),
+                true,
+            ),
+            Err(e) => {
+                warn!(error = %e, "publish failed; requeueing the message");
+                delivery.settle.requeue().await;
+                return "requeue";
+            }
+        },
+        Disposition::Retry { code, reason } => (code, reason, true),
+        Disposition::DeadLetter { code, reason } => (code, reason, false),
+    };
+    let failures = attempts + 1;
+    let max = broker.config().max_attempts.max(1);
+    let published = match broker.topology().retry_queue(part, failures) {
+        Some(queue) if retry && failures < max => {
+            warn!(%code, %reason, failures, "retrying later");
+            let props = with_error_headers(&delivery, part, code, &reason, failures);
+            broker
+                .publish_raw("", &queue, props, &delivery.data)
+                .await
+                .map(|()| "retry")
         }
-        Disposition::DeadLetter { code, reason } => {
+        _ => {
+            let reason = if retry {
+                format!("gave up after {failures} attempts: {reason}")
+            } else {
+                reason
+            };
             error!(%code, %reason, "dead-lettering");
-            let props = with_error_headers(&delivery, part, code, &reason, attempts + 1);
+            let props = with_error_headers(&delivery, part, code, &reason, failures);
             broker
                 .publish_raw("", &names.dlq(part), props, &delivery.data)
                 .await

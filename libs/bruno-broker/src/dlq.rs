@@ -105,17 +105,35 @@ fn describe(props: &BasicProperties, body: &[u8]) -> DeadLetter {
                 .collect()
         })
         .unwrap_or_default();
-    let broker_reason = header_str(props, "x-first-death-reason");
-    let (code, reason) = match (
+    let handler = match (
         header_str(props, headers::ERROR_CODE),
         header_str(props, headers::ERROR_REASON),
     ) {
-        (Some(code), Some(reason)) => (code, reason),
-        _ => (
+        (Some(code), Some(reason)) => Some((code, reason)),
+        _ => None,
+    };
+    let (code, reason) = match (latest_death(props), handler) {
+        // The broker moved it here from the part's queue (delivery limit,
+        // or an expired request, ADR 17), maybe after handler failures
+        // that sent it through the retry tiers (whose own deaths, `expired`
+        // into the part's queue, are not why it is here).
+        (Some((why, queue)), handler) if !queue.contains(".retry.") => (
+            "broker".to_owned(),
+            match handler {
+                Some((code, reason)) => {
+                    format!(
+                        "dead-lettered by RabbitMQ: {why} (earlier attempts failed: {code}: {reason})"
+                    )
+                }
+                None => format!("dead-lettered by RabbitMQ: {why}"),
+            },
+        ),
+        (_, Some(handler)) => handler,
+        (death, None) => (
             "broker".to_owned(),
             format!(
                 "dead-lettered by RabbitMQ: {}",
-                broker_reason.as_deref().unwrap_or("unknown")
+                death.map_or_else(|| "unknown".to_owned(), |(why, _)| why)
             ),
         ),
     };
@@ -238,6 +256,30 @@ pub async fn replay(
     }
     channel.close(200, "replayed".into()).await?;
     Ok(report)
+}
+
+/// The reason and queue of the broker's latest dead-lettering of a message:
+/// the first entry of `x-death` (RabbitMQ keeps the latest first), else
+/// `x-first-death-*`.
+fn latest_death(props: &BasicProperties) -> Option<(String, String)> {
+    let text = |v: Option<&AMQPValue>| match v {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    let headers = props.headers().as_ref()?;
+    if let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death")
+        && let Some(AMQPValue::FieldTable(latest)) = deaths.as_slice().first()
+    {
+        let entry = latest.inner();
+        if let (Some(why), Some(queue)) = (text(entry.get("reason")), text(entry.get("queue"))) {
+            return Some((why, queue));
+        }
+    }
+    Some((
+        header_str(props, "x-first-death-reason")?,
+        header_str(props, "x-first-death-queue").unwrap_or_default(),
+    ))
 }
 
 /// `props` as a replay puts them back: every error and death header

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::topology::Topology;
@@ -313,14 +313,31 @@ impl Embedded {
     /// limit (`delivery_limit`) or at a message TTL (`expired`).
     fn dead_letter(&self, state: &mut State, queue: &str, dlq: &str, m: Msg, reason: &str) {
         let mut headers = m.props.headers().clone().unwrap_or_default();
-        headers.insert(
-            "x-first-death-reason".into(),
+        // As RabbitMQ: `x-first-death-*` once, the latest death first in
+        // `x-death`.
+        for (key, value) in [
+            ("x-first-death-reason", reason),
+            ("x-first-death-queue", queue),
+        ] {
+            if !headers.inner().contains_key(key) {
+                headers.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
+            }
+        }
+        let mut death = FieldTable::default();
+        death.insert(
+            "reason".into(),
             AMQPValue::LongString(LongString::from(reason)),
         );
-        headers.insert(
-            "x-first-death-queue".into(),
+        death.insert(
+            "queue".into(),
             AMQPValue::LongString(LongString::from(queue)),
         );
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        let mut deaths = vec![AMQPValue::FieldTable(death)];
+        if let Some(AMQPValue::FieldArray(earlier)) = headers.inner().get("x-death") {
+            deaths.extend(earlier.as_slice().iter().cloned());
+        }
+        headers.insert("x-death".into(), AMQPValue::FieldArray(deaths.into()));
         let props = m.props.clone().with_headers(headers);
         let mut confirms = Vec::new();
         // Durable before the original goes: the journal writes in order.
@@ -439,6 +456,7 @@ impl Embedded {
         // Refused whole, before any queue took it (RabbitMQ's reject-publish
         // nacks it too, though other queues may keep their copy).
         for queue in &targets {
+            self.expire_requests(&mut state, queue);
             if let Some(q) = state.queues.get(queue)
                 && let Kind::Work {
                     requests: Some((max, _)),
@@ -504,6 +522,7 @@ impl Embedded {
     /// Messages ready in `queue` and its consumers, if it exists.
     pub fn depth(&self, queue: &str) -> Option<(u32, u32)> {
         let mut state = self.lock();
+        self.expire_requests(&mut state, queue);
         let q = state.queues.get_mut(queue)?;
         self.expire(q);
         let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
@@ -530,6 +549,7 @@ impl Embedded {
     /// Up to `limit` messages of `queue`, oldest first, left in place.
     pub fn browse(&self, queue: &str, limit: usize) -> Option<Vec<(BasicProperties, Body)>> {
         let mut state = self.lock();
+        self.expire_requests(&mut state, queue);
         let q = state.queues.get_mut(queue)?;
         self.expire(q);
         Some(
@@ -623,8 +643,19 @@ impl Embedded {
         {
             j.returned(m.seq, m.returns);
         }
+        // Back at the head, it may be the next request to expire.
+        let request = matches!(
+            q.kind,
+            Kind::Work {
+                requests: Some(_),
+                ..
+            }
+        );
         q.ready.push_front(m);
         q.notify.notify_waiters();
+        if request {
+            self.retry_wake.notify_one();
+        }
     }
 
     fn settled(&self, m: &Msg) {
@@ -895,7 +926,7 @@ mod tests {
         let topology = Topology::new(&config, vec![PartSpec::on_types("p", &["t"])]);
         let (queue, dlq) = (topology.names.queue("p"), topology.names.dlq("p"));
         let props = BasicProperties::default().with_headers({
-            let mut h = lapin::types::FieldTable::default();
+            let mut h = FieldTable::default();
             h.insert("type".into(), AMQPValue::LongString("t".into()));
             h
         });

@@ -177,13 +177,22 @@ pub enum TopologyError {
         #[source]
         source: lapin::Error,
     },
+    /// A replaced queue came back with other arguments: another process
+    /// (a replica of an older version) declared it again meanwhile.
+    #[error(
+        "queue {0} was declared with other arguments again right after its replacement: is an older version still running?"
+    )]
+    StillStale(String),
+    /// No connection to declare on.
+    #[error("not connected to the broker")]
+    NotConnected,
     /// An interactive part's queue exists with other arguments (a quorum
     /// queue from before ADR 17, or another request TTL or length) and
     /// cannot be replaced yet.
     #[error(
         "queue {queue} exists with other arguments and holds {messages} messages for {consumers} consumers; \
-         it is replaced once empty and unconsumed (stop the old version's {part} replicas, or move its \
-         messages with `bruno dlq`), see docs/adr/0017-interactive-requests-on-classic-queues.md"
+         stop the {part} part's consumers, let it drain, then run `bruno topology --replace` again \
+         (docs/adr/0017-interactive-requests-on-classic-queues.md)"
     )]
     Replace {
         /// The queue.
@@ -336,37 +345,68 @@ impl Topology {
 
     /// Declare everything on `connection`; safe to call again with the
     /// same topology. An interactive part's queue that exists with other
-    /// arguments (a quorum queue from before ADR 17, a changed request TTL)
-    /// is deleted and declared anew when it is empty and nobody consumes
-    /// it; otherwise [`TopologyError::Replace`] says what to do.
-    pub async fn declare_on(&self, connection: &lapin::Connection) -> Result<(), TopologyError> {
+    /// arguments (a quorum queue from before ADR 17, another request TTL)
+    /// is kept as it is, with a warning: it still takes and delivers the
+    /// part's events, and no process fails to start over it (every process
+    /// declares the whole topology) while older replicas still consume it.
+    /// [`Topology::replace_stale`] replaces it. Returns the queues kept.
+    pub async fn declare_on(
+        &self,
+        connection: &lapin::Connection,
+    ) -> Result<Vec<String>, TopologyError> {
+        let mut kept = Vec::new();
+        loop {
+            let channel =
+                connection
+                    .create_channel()
+                    .await
+                    .map_err(|source| TopologyError::Broker {
+                        what: "a channel".into(),
+                        source,
+                    })?;
+            match self.declare_all(&channel, &kept).await {
+                Ok(()) => {
+                    let _ = channel.close(200, "topology declared".into()).await;
+                    return Ok(kept);
+                }
+                // The broker closed that channel; declare again on a fresh
+                // one, keeping this queue as it is.
+                Err(Stale { queue, source }) if !kept.contains(&queue) => {
+                    tracing::warn!(
+                        %queue,
+                        error = %source,
+                        "an interactive part's queue exists with other arguments (a quorum queue from before ADR 17?); kept as it is: run `bruno topology --replace` once its consumers are stopped"
+                    );
+                    kept.push(queue);
+                }
+                Err(Stale { queue, source }) => {
+                    return Err(TopologyError::Broker {
+                        what: queue,
+                        source,
+                    });
+                }
+                Err(Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Declare everything, replacing each interactive part's queue that
+    /// exists with other arguments by the one this topology declares, if
+    /// it is empty and nobody consumes it (else [`TopologyError::Replace`]
+    /// says what holds it). An operator's step (`bruno topology --replace`)
+    /// with the part's consumers stopped: a request published between the
+    /// check and the deletion would go with the old queue. Returns the
+    /// queues replaced.
+    pub async fn replace_stale(
+        &self,
+        connection: &lapin::Connection,
+    ) -> Result<Vec<String>, TopologyError> {
         let broker = |what: &str| {
             let what = what.to_owned();
             move |source| TopologyError::Broker { what, source }
         };
-        let mut replaced = Vec::new();
-        loop {
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(broker("a channel"))?;
-            let stale = match self.declare_all(&channel).await {
-                Ok(()) => {
-                    let _ = channel.close(200, "topology declared".into()).await;
-                    return Ok(());
-                }
-                // The broker closed that channel; a fresh one looks.
-                Err(Stale { queue, source }) => {
-                    if replaced.contains(&queue) {
-                        return Err(TopologyError::Broker {
-                            what: queue,
-                            source,
-                        });
-                    }
-                    queue
-                }
-                Err(Failed(e)) => return Err(e),
-            };
+        let stale = self.declare_on(connection).await?;
+        for queue in &stale {
             let channel = connection
                 .create_channel()
                 .await
@@ -376,18 +416,18 @@ impl Topology {
                 ..Default::default()
             };
             let found = channel
-                .queue_declare(name(stale.clone())?, passive, FieldTable::default())
+                .queue_declare(name(queue.clone())?, passive, FieldTable::default())
                 .await
-                .map_err(broker(&stale))?;
+                .map_err(broker(queue))?;
             if found.message_count() > 0 || found.consumer_count() > 0 {
                 let part = self
                     .parts
                     .iter()
-                    .find(|p| self.names.queue(&p.name) == stale)
+                    .find(|p| &self.names.queue(&p.name) == queue)
                     .map_or_else(String::new, |p| p.name.clone());
                 let _ = channel.close(200, "queue in use".into()).await;
                 return Err(TopologyError::Replace {
-                    queue: stale,
+                    queue: queue.clone(),
                     part,
                     messages: found.message_count(),
                     consumers: found.consumer_count(),
@@ -395,21 +435,25 @@ impl Topology {
             }
             channel
                 .queue_delete(
-                    name(stale.clone())?,
+                    name(queue.clone())?,
                     lapin::options::QueueDeleteOptions::default(),
                 )
                 .await
-                .map_err(broker(&stale))?;
+                .map_err(broker(queue))?;
             let _ = channel.close(200, "stale queue deleted".into()).await;
-            tracing::info!(queue = %stale, "replaced an interactive part's queue declared with other arguments (ADR 17)");
-            replaced.push(stale);
+            tracing::info!(%queue, "deleted an interactive part's queue declared with other arguments (ADR 17)");
+        }
+        let left = self.declare_on(connection).await?;
+        match left.first() {
+            None => Ok(stale),
+            Some(queue) => Err(TopologyError::StillStale(queue.clone())),
         }
     }
 
     /// Declare everything on `channel`; safe to call again with the same
     /// topology (see [`Topology::declare_on`] for a changed one).
     pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
-        self.declare_all(channel).await.map_err(|e| match e {
+        self.declare_all(channel, &[]).await.map_err(|e| match e {
             Failed(e) => e,
             Stale { queue, source } => TopologyError::Broker {
                 what: queue,
@@ -418,7 +462,9 @@ impl Topology {
         })
     }
 
-    async fn declare_all(&self, channel: &Channel) -> Result<(), Declare> {
+    /// Declare everything; the queues in `keep` are not declared (they
+    /// exist with other arguments) but bound as usual.
+    async fn declare_all(&self, channel: &Channel, keep: &[String]) -> Result<(), Declare> {
         let err = |what: &str| {
             let what = what.to_owned();
             move |source| TopologyError::Broker { what, source }
@@ -505,15 +551,17 @@ impl Topology {
                 .await
                 .map_err(err(&dlq))?;
             let queue = self.names.queue(&part.name);
-            let declared = channel
-                .queue_declare(name(queue.clone())?, queue_opts, self.part_queue_args(part))
-                .await;
-            match declared {
-                Ok(_) => {}
-                Err(source) if part.interactive && precondition_failed(&source) => {
-                    return Err(Stale { queue, source });
+            if !keep.contains(&queue) {
+                let declared = channel
+                    .queue_declare(name(queue.clone())?, queue_opts, self.part_queue_args(part))
+                    .await;
+                match declared {
+                    Ok(_) => {}
+                    Err(source) if part.interactive && precondition_failed(&source) => {
+                        return Err(Stale { queue, source });
+                    }
+                    Err(source) => return Err(err(&queue)(source).into()),
                 }
-                Err(source) => return Err(err(&queue)(source).into()),
             }
             for delay in &self.retry_delays {
                 let retry = self.names.retry(&part.name, *delay);

@@ -130,6 +130,11 @@ enum Command {
         /// Print push mode's Knative Triggers (YAML) instead.
         #[arg(long, conflicts_with = "manifests")]
         knative: bool,
+        /// Also replace the interactive parts' queues declared with other
+        /// arguments (quorum queues from before ADR 17, another request
+        /// TTL) when empty and unconsumed; stop those parts first.
+        #[arg(long, conflicts_with_all = ["manifests", "knative"])]
+        replace: bool,
     },
     /// Run the backup part (no subcommand), or take, list and verify backups.
     Backup {
@@ -633,10 +638,20 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Topology {
-            manifests: false, ..
+            manifests: false,
+            replace,
+            ..
         } => {
-            let (_broker, cancel) = connect_for_tool(&config).await?;
+            let (broker, cancel) = connect_for_tool(&config).await?;
+            let replaced = if replace {
+                broker.replace_stale_queues().await
+            } else {
+                Ok(Vec::new())
+            };
             cancel.cancel();
+            for queue in replaced? {
+                println!("replaced {queue}");
+            }
             println!("topology declared");
             Ok(())
         }
