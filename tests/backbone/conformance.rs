@@ -413,7 +413,22 @@ async fn a_quorum_queue_from_before_adr_17_is_kept_and_replaced_only_when_empty(
         new.declare_on(&conn).await.unwrap(),
         std::slice::from_ref(&queue)
     );
-    h.broker.publish(&search_request("queued")).await.unwrap();
+    // A process of the new version connects and stays connected: the
+    // refused declaration is not taken for a broken connection (it was, in
+    // a reconnect loop, before the supervisor told them apart).
+    let cancel = CancellationToken::new();
+    let upgraded = bruno_broker::Broker::start(
+        config.clone(),
+        new.clone(),
+        "test-new",
+        bruno_broker::BrokerMetrics::default(),
+        cancel.clone(),
+    );
+    assert!(upgraded.wait_connected(Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(upgraded.metrics().reconnects.get(), 0);
+    upgraded.publish(&search_request("queued")).await.unwrap();
+    cancel.cancel();
     assert_eq!(h.depth(&queue).await, 2);
 
     // Holding messages: not replaced, and the error says what to do.

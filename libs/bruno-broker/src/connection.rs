@@ -643,6 +643,13 @@ async fn supervise(inner: Arc<Inner>) {
             tokio::select! {
                 _ = session.broken.cancelled() => break,
                 event = events.next() => match event {
+                    // A channel-level refusal of a declaration (an
+                    // interactive queue kept with other arguments, ADR 17):
+                    // the call that caused it reports it; the connection
+                    // is fine.
+                    Some(lapin::Event::Error(e)) if crate::topology::precondition_failed(&e) => {
+                        tracing::debug!(error = %e, "a channel refused a declaration");
+                    }
                     Some(lapin::Event::Error(e)) => {
                         warn!(error = %e, "broker connection error");
                         break;

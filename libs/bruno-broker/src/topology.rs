@@ -208,7 +208,7 @@ pub enum TopologyError {
 
 /// The broker refused a declaration because the entity exists with other
 /// arguments (`PRECONDITION_FAILED`).
-fn precondition_failed(e: &lapin::Error) -> bool {
+pub(crate) fn precondition_failed(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 406)
 }
 
