@@ -643,12 +643,18 @@ async fn supervise(inner: Arc<Inner>) {
             tokio::select! {
                 _ = session.broken.cancelled() => break,
                 event = events.next() => match event {
-                    // A channel-level refusal of a declaration (an
-                    // interactive queue kept with other arguments, ADR 17):
-                    // the call that caused it reports it; the connection
-                    // is fine.
-                    Some(lapin::Event::Error(e)) if crate::topology::precondition_failed(&e) => {
-                        tracing::debug!(error = %e, "a channel refused a declaration");
+                    // A channel-level error (a declaration refused because
+                    // the queue exists with other arguments, ADR 17; a
+                    // passive declare of a missing queue) closes only that
+                    // channel, and its owner opens another: the consumer
+                    // loops, the reply inbox and the stats poller do. The
+                    // connection is lost only when one of this session's
+                    // own publish channels is the one that closed.
+                    Some(lapin::Event::Error(e))
+                        if e.is_amqp_soft_error()
+                            && session.channels.iter().all(|c| c.status().connected()) =>
+                    {
+                        tracing::debug!(error = %e, "a channel was closed by the broker");
                     }
                     Some(lapin::Event::Error(e)) => {
                         warn!(error = %e, "broker connection error");

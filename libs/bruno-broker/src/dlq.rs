@@ -262,18 +262,13 @@ pub async fn replay(
 /// the first entry of `x-death` (RabbitMQ keeps the latest first), else
 /// `x-first-death-*`.
 fn latest_death(props: &BasicProperties) -> Option<(String, String)> {
-    let text = |v: Option<&AMQPValue>| match v {
-        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
-        _ => None,
-    };
     let headers = props.headers().as_ref()?;
     if let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death")
         && let Some(AMQPValue::FieldTable(latest)) = deaths.as_slice().first()
     {
         let entry = latest.inner();
-        if let (Some(why), Some(queue)) = (text(entry.get("reason")), text(entry.get("queue"))) {
-            return Some((why, queue));
+        if let (Some(why), Some(queue)) = (entry.get("reason"), entry.get("queue")) {
+            return Some((render(why), render(queue)));
         }
     }
     Some((

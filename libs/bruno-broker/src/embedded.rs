@@ -675,26 +675,23 @@ impl Embedded {
     /// Dead-letter the requests at the head of `queue` that are past their
     /// TTL (an interactive part's queue; nothing for the others).
     fn expire_requests(&self, state: &mut State, queue: &str) {
-        let now = Instant::now();
-        let mut expired = Vec::new();
-        if let Some(q) = state.queues.get_mut(queue)
-            && let Kind::Work {
-                dlq,
-                requests: Some((_, ttl)),
-                ..
-            } = &q.kind
-        {
-            while q
-                .ready
-                .front()
-                .is_some_and(|m| now.duration_since(m.at) >= *ttl)
-            {
-                if let Some(m) = q.ready.pop_front() {
-                    expired.push((dlq.clone(), m));
-                }
-            }
+        let Some(q) = state.queues.get_mut(queue) else {
+            return;
+        };
+        let Kind::Work {
+            dlq,
+            requests: Some((_, ttl)),
+            ..
+        } = &q.kind
+        else {
+            return;
+        };
+        let expired = pop_due(&mut q.ready, *ttl, Instant::now(), &mut None);
+        if expired.is_empty() {
+            return;
         }
-        for (dlq, m) in expired {
+        let dlq = dlq.clone();
+        for m in expired {
             self.dead_letter(state, queue, &dlq, m, "expired");
         }
     }

@@ -18,8 +18,9 @@
 //! `chat.requested`, `chat.contextualized`): its queue is a classic queue
 //! (persistent messages, bounded length, a TTL beyond the gateway's
 //! timeouts, expired requests dead-lettered), because a quorum queue's
-//! consensus round before delivery cost 1.6–3.5 ms per hop on these two
-//! cores against 0.3 ms (ADR 17). Everything else stays quorum.
+//! consensus round before delivery made one hop 0.52–0.59 ms against
+//! 0.18 ms on an idle 2-core machine, and 1.7–3.9 against 0.6 ms with both
+//! cores busy (ADR 17). Everything else stays quorum.
 //!
 //! Notifications that have observers but no consumer by design
 //! (`document.indexed`, `backup.completed`, replies whose requester is gone)
@@ -208,8 +209,14 @@ pub enum TopologyError {
 
 /// The broker refused a declaration because the entity exists with other
 /// arguments (`PRECONDITION_FAILED`).
-pub(crate) fn precondition_failed(e: &lapin::Error) -> bool {
+fn precondition_failed(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 406)
+}
+
+/// The broker refused something while `what` was being declared.
+fn broker_error(what: &str) -> impl FnOnce(lapin::Error) -> TopologyError + use<> {
+    let what = what.to_owned();
+    move |source| TopologyError::Broker { what, source }
 }
 
 fn name(n: String) -> Result<ShortString, TopologyError> {
@@ -356,14 +363,10 @@ impl Topology {
     ) -> Result<Vec<String>, TopologyError> {
         let mut kept = Vec::new();
         loop {
-            let channel =
-                connection
-                    .create_channel()
-                    .await
-                    .map_err(|source| TopologyError::Broker {
-                        what: "a channel".into(),
-                        source,
-                    })?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(broker_error("a channel"))?;
             match self.declare_all(&channel, &kept).await {
                 Ok(()) => {
                     let _ = channel.close(200, "topology declared".into()).await;
@@ -401,16 +404,12 @@ impl Topology {
         &self,
         connection: &lapin::Connection,
     ) -> Result<Vec<String>, TopologyError> {
-        let broker = |what: &str| {
-            let what = what.to_owned();
-            move |source| TopologyError::Broker { what, source }
-        };
         let stale = self.declare_on(connection).await?;
         for queue in &stale {
             let channel = connection
                 .create_channel()
                 .await
-                .map_err(broker("a channel"))?;
+                .map_err(broker_error("a channel"))?;
             let passive = QueueDeclareOptions {
                 passive: true,
                 ..Default::default()
@@ -418,7 +417,7 @@ impl Topology {
             let found = channel
                 .queue_declare(name(queue.clone())?, passive, FieldTable::default())
                 .await
-                .map_err(broker(queue))?;
+                .map_err(broker_error(queue))?;
             if found.message_count() > 0 || found.consumer_count() > 0 {
                 let part = self
                     .parts
@@ -439,7 +438,7 @@ impl Topology {
                     lapin::options::QueueDeleteOptions::default(),
                 )
                 .await
-                .map_err(broker(queue))?;
+                .map_err(broker_error(queue))?;
             let _ = channel.close(200, "stale queue deleted".into()).await;
             tracing::info!(%queue, "deleted an interactive part's queue declared with other arguments (ADR 17)");
         }
@@ -450,25 +449,9 @@ impl Topology {
         }
     }
 
-    /// Declare everything on `channel`; safe to call again with the same
-    /// topology (see [`Topology::declare_on`] for a changed one).
-    pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
-        self.declare_all(channel, &[]).await.map_err(|e| match e {
-            Failed(e) => e,
-            Stale { queue, source } => TopologyError::Broker {
-                what: queue,
-                source,
-            },
-        })
-    }
-
     /// Declare everything; the queues in `keep` are not declared (they
     /// exist with other arguments) but bound as usual.
     async fn declare_all(&self, channel: &Channel, keep: &[String]) -> Result<(), Declare> {
-        let err = |what: &str| {
-            let what = what.to_owned();
-            move |source| TopologyError::Broker { what, source }
-        };
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -483,7 +466,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await
-            .map_err(err(&unroutable))?;
+            .map_err(broker_error(&unroutable))?;
         channel
             .queue_declare(
                 name(unroutable.clone())?,
@@ -491,7 +474,7 @@ impl Topology {
                 Self::bounded_args(self.unroutable_bounds),
             )
             .await
-            .map_err(err(&unroutable))?;
+            .map_err(broker_error(&unroutable))?;
         channel
             .queue_bind(
                 name(unroutable.clone())?,
@@ -501,7 +484,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await
-            .map_err(err(&unroutable))?;
+            .map_err(broker_error(&unroutable))?;
         let alternate = self.names.alternate();
         channel
             .exchange_declare(
@@ -511,7 +494,7 @@ impl Topology {
                 table([("alternate-exchange", s(&unroutable))]),
             )
             .await
-            .map_err(err(&alternate))?;
+            .map_err(broker_error(&alternate))?;
         let observed = self.names.observed();
         channel
             .queue_declare(
@@ -520,7 +503,7 @@ impl Topology {
                 Self::bounded_args(self.observed_bounds),
             )
             .await
-            .map_err(err(&observed))?;
+            .map_err(broker_error(&observed))?;
         for ty in &self.observed {
             channel
                 .queue_bind(
@@ -531,7 +514,7 @@ impl Topology {
                     table([("x-match", s("all")), ("type", s(ty))]),
                 )
                 .await
-                .map_err(err(&format!("binding of {observed}")))?;
+                .map_err(broker_error(&format!("binding of {observed}")))?;
         }
         let exchange = self.names.exchange();
         channel
@@ -542,14 +525,14 @@ impl Topology {
                 table([("alternate-exchange", s(&alternate))]),
             )
             .await
-            .map_err(err(&exchange))?;
+            .map_err(broker_error(&exchange))?;
 
         for part in &self.parts {
             let dlq = self.names.dlq(&part.name);
             channel
                 .queue_declare(name(dlq.clone())?, queue_opts, Self::parking_args())
                 .await
-                .map_err(err(&dlq))?;
+                .map_err(broker_error(&dlq))?;
             let queue = self.names.queue(&part.name);
             if !keep.contains(&queue) {
                 let declared = channel
@@ -560,7 +543,7 @@ impl Topology {
                     Err(source) if part.interactive && precondition_failed(&source) => {
                         return Err(Stale { queue, source });
                     }
-                    Err(source) => return Err(err(&queue)(source).into()),
+                    Err(source) => return Err(broker_error(&queue)(source).into()),
                 }
             }
             for delay in &self.retry_delays {
@@ -572,7 +555,7 @@ impl Topology {
                         self.retry_args(&part.name, *delay),
                     )
                     .await
-                    .map_err(err(&retry))?;
+                    .map_err(broker_error(&retry))?;
             }
             for binding in &part.bindings {
                 let mut args = table([("x-match", s("all"))]);
@@ -588,7 +571,7 @@ impl Topology {
                         args,
                     )
                     .await
-                    .map_err(err(&format!("binding of {queue}")))?;
+                    .map_err(broker_error(&format!("binding of {queue}")))?;
             }
         }
         Ok(())
