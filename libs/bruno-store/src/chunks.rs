@@ -383,8 +383,9 @@ impl Chunks {
         crate::table_files(&self.table).await
     }
 
-    /// Compact small files and fold new rows into the indexes (no version
-    /// is dropped): what the writer runs every few commits.
+    /// Fold new rows into the indexes and merge the data files (no version
+    /// is dropped): what the writer runs every few commits and when writes
+    /// pause.
     pub async fn compact(&self) -> Result<(), StoreError> {
         crate::compact_table(&self.table).await
     }

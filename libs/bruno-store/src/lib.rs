@@ -24,7 +24,9 @@ use std::time::Duration;
 
 pub use bruno_events::payload::EmbedderInfo;
 pub use bruno_events::payload::SearchMode;
+pub use chunks::TABLE as CHUNKS_TABLE;
 pub use chunks::{ChunkRow, Chunks, DocumentWrite, Hit, SearchFilters, WriteOutcome};
+pub use conversations::TABLE as CONVERSATIONS_TABLE;
 pub use conversations::{Conversations, TurnRow};
 use lancedb::arrow::arrow_schema::SchemaRef;
 use lancedb::database::CreateTableMode;
@@ -203,6 +205,22 @@ impl Store {
         Ok(self.db.table_names().execute().await?)
     }
 
+    /// Compact the table `name` (see [`Chunks::compact`]) through a handle
+    /// of its own, if it has more than one data file or rows not yet in its
+    /// indexes; `false` when it does not exist or had nothing to do. The
+    /// writer does this at start-up for what an earlier run left (it learns
+    /// the tables' embedder only from the writes).
+    pub async fn settle_table(&self, name: &str) -> Result<bool, StoreError> {
+        let Some(table) = self.raw_table(name).await? else {
+            return Ok(false);
+        };
+        if !unsettled(&table).await? {
+            return Ok(false);
+        }
+        compact_table(&table).await?;
+        Ok(true)
+    }
+
     /// A table as LanceDB has it, for whole-table work (backups pin a
     /// version with a tag and copy its files); `None` if it does not exist.
     pub async fn raw_table(&self, name: &str) -> Result<Option<Table>, StoreError> {
@@ -292,20 +310,42 @@ async fn table_files(table: &Table) -> Result<usize, StoreError> {
     Ok(table.stats().await?.fragment_stats.num_fragments)
 }
 
-/// Merge small data files into larger ones and fold new rows into the
-/// indexes. Every commit adds a file, and a query opens every file, so a
-/// table written in many small commits slows its readers down until this
-/// runs; the writer runs it every few commits.
+/// Fold new rows into the indexes, then merge the data files into one.
+/// Every commit adds a file, and a query opens every file and scans the
+/// rows no index covers yet, so a table written in many small commits slows
+/// its readers down until this runs (a dev-profile search over 1,799 chunks
+/// in 12 files, 45 rows outside the full-text index: 92 ms p50; after
+/// this: 50 ms). The writer runs it every few commits and when writes
+/// pause. Indexes first: LanceDB merges covered and uncovered files
+/// apart, so the other order leaves two files.
 async fn compact_table(table: &Table) -> Result<(), StoreError> {
     use lancedb::table::{CompactionOptions, OptimizeAction};
+    table
+        .optimize(OptimizeAction::Index(Default::default()))
+        .await?;
     table
         .optimize(OptimizeAction::Compact {
             options: CompactionOptions::default(),
             remap_options: None,
         })
         .await?;
-    table
-        .optimize(OptimizeAction::Index(Default::default()))
-        .await?;
     Ok(())
+}
+
+/// Whether [`compact_table`] has anything to do: more than one data file,
+/// or rows an index does not cover yet.
+async fn unsettled(table: &Table) -> Result<bool, StoreError> {
+    if table_files(table).await? > 1 {
+        return Ok(true);
+    }
+    for index in table.list_indices().await? {
+        if table
+            .index_stats(&index.name)
+            .await?
+            .is_some_and(|s| s.num_unindexed_rows > 0)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }

@@ -43,6 +43,11 @@ pub struct WriterConfig {
     /// Compact a table (and fold new rows into its indexes) after this many
     /// commits: each commit adds a file that every query opens.
     pub compact_every_commits: u32,
+    /// Once no write came for this long, compact the tables written since
+    /// their last compaction (and, after a start, those an earlier run left
+    /// with several files or unindexed rows), so reads after a burst of
+    /// writes do not pay for its files until the next burst; 0: never.
+    pub compact_idle_ms: u64,
     /// Seconds between compaction / index / cleanup runs.
     pub maintenance_interval_secs: u64,
     /// Old table versions younger than this are kept.
@@ -56,6 +61,7 @@ impl Default for WriterConfig {
             batch_ms: 200,
             concurrency: 128,
             compact_every_commits: 16,
+            compact_idle_ms: 2000,
             maintenance_interval_secs: 3600,
             keep_versions_hours: 2,
         }
@@ -380,13 +386,37 @@ async fn batcher(
     stopped: CancellationToken,
 ) {
     let max_wait = Duration::from_millis(config.batch_ms);
+    let idle = Duration::from_millis(config.compact_idle_ms);
     // Here, between commits, compaction never races a write.
     let mut since_compaction: HashMap<Table, u32> = HashMap::new();
+    // Tables written since their last compaction, with their embedder;
+    // `None`: left by an earlier run (compacted only if they need it).
+    let mut unsettled: HashMap<Table, Option<EmbedderInfo>> = if idle.is_zero() {
+        HashMap::new()
+    } else {
+        [(Table::Chunks, None), (Table::Conversations, None)].into()
+    };
     // Stopped fires once every in-flight message settled: nothing waits here then.
-    while let Some(first) = tokio::select! {
-        p = rx.recv() => p,
-        _ = stopped.cancelled() => None,
-    } {
+    loop {
+        let next = if unsettled.is_empty() {
+            tokio::select! {
+                p = rx.recv() => p,
+                _ = stopped.cancelled() => None,
+            }
+        } else {
+            tokio::select! {
+                p = rx.recv() => p,
+                _ = stopped.cancelled() => None,
+                _ = tokio::time::sleep(idle) => {
+                    for (table, embedder) in std::mem::take(&mut unsettled) {
+                        since_compaction.remove(&table);
+                        settle(&store, &tables, table, embedder, &metrics).await;
+                    }
+                    continue;
+                }
+            }
+        };
+        let Some(first) = next else { break };
         let mut batch = vec![first];
         let mut rows = batch[0].work.rows();
         let deadline = tokio::time::Instant::now() + max_wait;
@@ -428,9 +458,40 @@ async fn batcher(
             *n += u32::from(committed);
             if *n >= config.compact_every_commits.max(1) {
                 *n = 0;
+                unsettled.remove(&table);
                 compact(&store, &tables, table, &embedder, &metrics).await;
+            } else if committed && !idle.is_zero() {
+                unsettled.insert(table, Some(embedder));
             }
         }
+    }
+}
+
+/// Compact `table` once writes paused: through the writer's own handle
+/// when this run wrote it, else (what an earlier run left) only if it has
+/// several files or unindexed rows.
+async fn settle(
+    store: &Store,
+    tables: &Tables,
+    table: Table,
+    embedder: Option<EmbedderInfo>,
+    metrics: &WriterMetrics,
+) {
+    if let Some(embedder) = embedder {
+        return compact(store, tables, table, &embedder, metrics).await;
+    }
+    let name = match table {
+        Table::Chunks => bruno_store::CHUNKS_TABLE,
+        Table::Conversations => bruno_store::CONVERSATIONS_TABLE,
+    };
+    let started = Instant::now();
+    match store.settle_table(name).await {
+        Ok(true) => {
+            metrics.compactions.inc();
+            info!(?table, took = ?started.elapsed(), "compacted what an earlier run left");
+        }
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, ?table, "compaction failed"),
     }
 }
 

@@ -464,3 +464,105 @@ async fn the_writer_compacts_a_table_every_few_commits() {
     w.task.await.unwrap();
     h.cleanup().await;
 }
+
+/// Once writes pause, the writer compacts what it wrote since its last
+/// compaction, and after a start what an earlier run left, so reads after
+/// a burst of writes (an ingest, a chat turn) open one file with every row
+/// indexed instead of waiting for the next burst or the hourly maintenance;
+/// with nothing new it does not compact again.
+#[tokio::test]
+async fn the_writer_compacts_once_writes_pause_and_what_an_earlier_run_left() {
+    let h = Harness::new(vec![writer_spec()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir).await;
+    let info = StoreEmbedder {
+        model: "test/fake".into(),
+        dimension: DIM,
+    };
+    let commit_each = |w: &Running, events: Vec<Event>| {
+        let (broker, metrics) = (h.broker.clone(), w.metrics.clone());
+        async move {
+            for e in events {
+                let before = metrics.commits();
+                broker.publish(&e).await.unwrap();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                while metrics.commits() == before {
+                    assert!(tokio::time::Instant::now() < deadline, "never committed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    };
+    let await_compactions = |w: &Running, n: u64| {
+        let metrics = w.metrics.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while metrics.compactions() < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} compactions, expected {n}",
+                    metrics.compactions()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // An earlier run that never compacts: four turns and two documents, a
+    // commit each.
+    let never = WriterConfig {
+        batch_ms: 20,
+        compact_every_commits: 1000,
+        compact_idle_ms: 0,
+        ..WriterConfig::default()
+    };
+    let earlier = start_writer_with(h.broker.clone(), store.clone(), never);
+    commit_each(&earlier, (0..4).map(turn_event).collect()).await;
+    commit_each(
+        &earlier,
+        (0..2).map(|d| write_event(d, "v1", 3, DIM)).collect(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(earlier.metrics.compactions(), 0);
+    earlier.shutdown.cancel();
+    earlier.task.await.unwrap();
+    let conversations = store.conversations(&info).await.unwrap();
+    let chunks = store.chunks(&info).await.unwrap();
+    assert_eq!(conversations.files().await.unwrap(), 4);
+    assert_eq!(chunks.files().await.unwrap(), 2);
+
+    // A new run compacts both tables once it has been idle for a while.
+    let w = start_writer_with(
+        h.broker.clone(),
+        store.clone(),
+        WriterConfig {
+            batch_ms: 20,
+            compact_every_commits: 1000,
+            compact_idle_ms: 500,
+            ..WriterConfig::default()
+        },
+    );
+    await_compactions(&w, 2).await;
+    // One file each: every row was folded into the indexes first (LanceDB
+    // merges indexed and unindexed files apart).
+    assert_eq!(conversations.files().await.unwrap(), 1);
+    assert_eq!(chunks.files().await.unwrap(), 1);
+    assert_eq!(conversations.count(None).await.unwrap(), 8);
+    assert_eq!(chunks.count(None).await.unwrap(), 6);
+
+    // Three more turns, a commit each, then a pause: a compaction after
+    // the last commit (a slow machine may add one between two of them).
+    commit_each(&w, (4..7).map(turn_event).collect()).await;
+    let after_writes = w.metrics.compactions();
+    await_compactions(&w, after_writes + 1).await;
+    assert_eq!(conversations.files().await.unwrap(), 1);
+    let recent = conversations.recent("s1", 2).await.unwrap();
+    assert_eq!(recent[1].text, "answer 6");
+    // Nothing new: no more compactions.
+    let settled = w.metrics.compactions();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(w.metrics.compactions(), settled);
+    w.shutdown.cancel();
+    w.task.await.unwrap();
+    h.cleanup().await;
+}
