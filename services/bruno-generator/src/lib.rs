@@ -1,6 +1,7 @@
 //! The generator: `chat.contextualized` → the LLM → `chat.delta` events
-//! (published as the tokens arrive, numbered from 0) and then
-//! `chat.completed`, or `chat.failed`.
+//! (published as the tokens arrive, numbered from 0, when the request asked
+//! for a stream: `ChatOptions::stream`) and then `chat.completed`, or
+//! `chat.failed`.
 //!
 //! The prompt keeps the configured system prompt as the only system
 //! message; retrieved passages go into the user turn inside a delimited
@@ -365,6 +366,7 @@ impl Handler for Generator {
         let mut outcome: Result<Usage, String> = Err("circuit breaker open".into());
         // The stream's last deltas, emitted before the final reply.
         let mut tail: Vec<Event> = Vec::new();
+        let streamed = turn.request.options.stream;
         if self.may_call() {
             let started = Instant::now();
             // The LLM's pieces go through a channel to a publisher that
@@ -388,6 +390,11 @@ impl Handler for Generator {
                     first.get_or_insert_with(Instant::now);
                     let texts = std::mem::take(&mut batch);
                     texts.iter().for_each(|t| answer.push_str(t));
+                    if !streamed {
+                        // Nobody awaits the pieces (`ChatOptions::stream`):
+                        // no publish and no confirm before the final reply.
+                        continue;
+                    }
                     if ctx.returns_stream() && rx.is_closed() && rx.is_empty() {
                         // The stream has ended: these last pieces go out
                         // with the final reply, in one pipelined publish on
