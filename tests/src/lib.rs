@@ -1371,6 +1371,24 @@ impl PartProcess {
     }
 }
 
+impl Drop for PartProcess {
+    /// A failing test shows what each of its processes logged last.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let lines = self.lines();
+            eprintln!(
+                "--- bruno {}: last {} of {} log lines",
+                self.part,
+                lines.len().min(40),
+                lines.len()
+            );
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// One sample of a Prometheus text exposition.
 #[derive(Debug, Clone)]
 pub struct Sample {
