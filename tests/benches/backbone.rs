@@ -2,8 +2,13 @@
 //!
 //! Prints: raw lapin publish-with-confirms throughput and latency (the
 //! baseline, same concurrency as the HTTP load), ingress HTTP → confirmed
-//! publish throughput and p50/p99 latency, and consumer throughput with a
-//! no-op handler at prefetch 1 and at the default prefetch.
+//! publish throughput and p50/p99 latency, the same HTTP requests to a
+//! server that answers 202 without publishing (the HTTP floor), and
+//! consumer throughput with a no-op handler at prefetch 1 and at the
+//! default prefetch. Each load phase also prints its CPU time per message,
+//! this process's and RabbitMQ's, and how busy the machine was: with the
+//! cores saturated, HTTP alone and the raw publish done one after the
+//! other bound what any ingress can reach.
 //!
 //! Then one hop, the way a chat turn crosses the broker: an event published
 //! with `Broker::publish` (confirmed) until a consumer's handler has it,
@@ -96,6 +101,7 @@ async fn raw_lapin(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram
     let (props, body) = bruno_broker::codec::encode(&event_1k()).unwrap();
     let exchange = h.topology.names.exchange();
     let left = Arc::new(AtomicU64::new(n as u64));
+    let cpu = Cpu::now();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..concurrency {
@@ -140,6 +146,7 @@ async fn raw_lapin(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram
         started.elapsed(),
         Some(&hist),
     );
+    cpu.report(n);
     let _ = conn.close(200, "".into()).await;
     (rate, hist)
 }
@@ -187,9 +194,62 @@ impl RawHttp {
 /// HTTP binary-mode POSTs to the ingress from `concurrency` keep-alive connections.
 async fn ingress(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram<u64>) {
     let (addr, stop) = h.ingress(h.broker.clone(), IngressConfig::default()).await;
+    let out = http_load(
+        addr,
+        n,
+        concurrency,
+        &format!("ingress HTTP -> confirmed publish (c={concurrency})"),
+    )
+    .await;
+    stop.cancel();
+    out
+}
+
+/// The HTTP floor: the same requests from the same client to an axum
+/// server that answers them as the ingress does (202, the id in a JSON
+/// body) without parsing, validating or publishing anything.
+async fn http_floor(n: usize, concurrency: usize) -> (f64, Histogram<u64>) {
+    use axum::http::{HeaderMap, StatusCode};
+    async fn accept(headers: HeaderMap, body: axum::body::Bytes) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let id = headers
+            .get("ce-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(!body.is_empty());
+        (
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({"accepted": 1, "ids": [id]})),
+        )
+            .into_response()
+    }
+    let app = axum::Router::new().route("/", axum::routing::post(accept));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let out = http_load(
+        addr,
+        n,
+        concurrency,
+        &format!("HTTP alone, 202 with no publish (c={concurrency})"),
+    )
+    .await;
+    server.abort();
+    out
+}
+
+/// `n` binary-mode POSTs of the 1 KiB event to `addr` from `concurrency`
+/// keep-alive connections; every answer must be 202.
+async fn http_load(
+    addr: std::net::SocketAddr,
+    n: usize,
+    concurrency: usize,
+    name: &str,
+) -> (f64, Histogram<u64>) {
     let event = event_1k();
     let body = bruno_events::data_bytes(&event).unwrap().into_owned();
     let left = Arc::new(AtomicU64::new(n as u64));
+    let cpu = Cpu::now();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -216,14 +276,82 @@ async fn ingress(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram<u
     for t in tasks {
         hist.add(t.await.unwrap()).unwrap();
     }
-    let rate = report(
-        &format!("ingress HTTP -> confirmed publish (c={concurrency})"),
-        n,
-        started.elapsed(),
-        Some(&hist),
-    );
-    stop.cancel();
+    let rate = report(name, n, started.elapsed(), Some(&hist));
+    cpu.report(n);
     (rate, hist)
+}
+
+/// CPU time used so far, in clock ticks: this process (the load generator
+/// and whatever it serves), RabbitMQ's Erlang VM (every `beam.smp` on the
+/// machine; none when the broker is elsewhere) and the whole machine.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    own: u64,
+    rabbit: u64,
+    busy: u64,
+    total: u64,
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    // Fields after the command's closing parenthesis start at field 3;
+    // utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+impl Cpu {
+    fn now() -> Self {
+        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let own = stat_ticks(&read("/proc/self/stat".into())).unwrap_or(0);
+        let rabbit = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| read(e.path().join("comm")).trim() == "beam.smp")
+            .filter_map(|e| stat_ticks(&read(e.path().join("stat"))))
+            .sum();
+        // The first line of /proc/stat: user nice system idle iowait irq
+        // softirq steal ...
+        let all = read("/proc/stat".into());
+        let machine: Vec<u64> = all
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let (busy, total) = match machine.as_slice() {
+            [user, nice, system, idle, iowait, irq, softirq, steal] => {
+                let busy = user + nice + system + irq + softirq + steal;
+                (busy, busy + idle + iowait)
+            }
+            _ => (0, 0),
+        };
+        Self {
+            own,
+            rabbit,
+            busy,
+            total,
+        }
+    }
+
+    /// Print the CPU each of `n` messages cost since `self`.
+    fn report(self, n: usize) {
+        let now = Self::now();
+        // Linux clock ticks are 10 ms (USER_HZ = 100).
+        let us = |ticks: u64| ticks as f64 * 10_000.0 / n as f64;
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        println!(
+            "{:44} CPU per message: this process {:>5.1} us, RabbitMQ {:>5.1} us; machine busy {:.0} % of {cores} cores",
+            "",
+            us(now.own - self.own),
+            us(now.rabbit - self.rabbit),
+            100.0 * (now.busy - self.busy) as f64 / (now.total - self.total).max(1) as f64,
+        );
+    }
 }
 
 struct Noop(Arc<AtomicU64>);
@@ -383,6 +511,7 @@ async fn main() {
     purge(&h).await;
     let (ing_rate, ing_hist) = ingress(&h, n, concurrency).await;
     purge(&h).await;
+    let (floor_rate, _) = http_floor(n, concurrency).await;
     // Added latency without queueing: one request at a time.
     let (_, raw_seq) = raw_lapin(&h, n / 10, 1).await;
     purge(&h).await;
@@ -394,6 +523,15 @@ async fn main() {
     println!(
         "ingress / raw throughput at c={concurrency}: {:.1} % (goal >= 75 %)",
         100.0 * ing_rate / raw_rate
+    );
+    // With the cores saturated, a request costs its HTTP and its publish:
+    // at best 1 / (1 / http + 1 / raw) requests per second, whatever the
+    // ingress does in between.
+    let bound = 1.0 / (1.0 / floor_rate + 1.0 / raw_rate);
+    println!(
+        "HTTP alone + raw publish, serially on the same cores: {bound:.0} msg/s = {:.1} % of raw; the ingress reaches {:.1} % of that",
+        100.0 * bound / raw_rate,
+        100.0 * ing_rate / bound
     );
     let added = |a: &Histogram<u64>, b: &Histogram<u64>, q: f64| {
         (a.value_at_quantile(q) as f64 - b.value_at_quantile(q) as f64) / 1000.0
