@@ -205,7 +205,7 @@ pub fn decode(props: &BasicProperties, body: &[u8]) -> Result<Event, CodecError>
         return Err(invalid("type", "must not be empty"));
     }
 
-    let mut event = Event::default();
+    let mut event = bruno_events::blank_event();
     event.set_id(id);
     event.set_source(source);
     event.set_type(ty);

@@ -13,7 +13,9 @@ pub mod legacy;
 pub mod payload;
 mod validate;
 
-pub use build::{correlation_id, data_bytes, decode_data, derive_id, new_event, reply_event};
+pub use build::{
+    blank_event, correlation_id, data_bytes, decode_data, derive_id, new_event, reply_event,
+};
 pub use catalogue::{CatalogueEntry, EventData, catalogue, entry};
 pub use cloudevents::event::ExtensionValue;
 pub use cloudevents::{

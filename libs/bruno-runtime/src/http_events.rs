@@ -145,7 +145,7 @@ fn binary(headers: &HeaderMap, body: &[u8]) -> Result<Event, Problem> {
         }
     };
     check_specversion(&required("ce-specversion")?)?;
-    let mut event = Event::default();
+    let mut event = bruno_events::blank_event();
     event.set_id(required("ce-id")?);
     event.set_source(required("ce-source")?);
     event.set_type(required("ce-type")?);

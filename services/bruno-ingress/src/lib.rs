@@ -25,7 +25,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
-use serde_json::json;
 use tower_http::limit::RequestBodyLimitLayer;
 
 /// Ingress settings (`[ingress]` in the config file, `BRUNO_INGRESS__*`).
@@ -270,12 +269,11 @@ async fn ingest(State(state): State<Arc<Ingress>>, request: Request) -> Response
                 .observe(started.elapsed().as_secs_f64());
             state.metrics.outcome("accepted");
             state.metrics.events.inc_by(events.len() as u64);
-            let ids: Vec<&str> = events.iter().map(|e| e.id()).collect();
-            (
-                StatusCode::ACCEPTED,
-                axum::Json(json!({"accepted": events.len(), "ids": ids})),
-            )
-                .into_response()
+            let accepted = Accepted {
+                accepted: events.len(),
+                ids: events.iter().map(|e| e.id()).collect(),
+            };
+            (StatusCode::ACCEPTED, axum::Json(accepted)).into_response()
         }
         Err(PublishError::Codec(e)) => {
             state.metrics.outcome("rejected");
@@ -296,6 +294,13 @@ async fn ingest(State(state): State<Arc<Ingress>>, request: Request) -> Response
 /// What Knative says about an event it gave up on (the extensions its
 /// dispatcher adds before sending it to the dead-letter sink), as Bruno's
 /// error code and reason.
+/// The 202 body: how many events were accepted, and their ids.
+#[derive(serde::Serialize)]
+struct Accepted<'a> {
+    accepted: usize,
+    ids: Vec<&'a str>,
+}
+
 fn knative_failure(event: &bruno_events::Event) -> (bruno_runtime::ErrorCode, String) {
     use base64::Engine as _;
     use bruno_runtime::ErrorCode;
