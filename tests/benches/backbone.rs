@@ -347,9 +347,10 @@ impl Cpu {
         println!(
             "{:44} CPU per message: this process {:>5.1} us, RabbitMQ {:>5.1} us; machine busy {:.0} % of {cores} cores",
             "",
-            us(now.own - self.own),
-            us(now.rabbit - self.rabbit),
-            100.0 * (now.busy - self.busy) as f64 / (now.total - self.total).max(1) as f64,
+            us(now.own.saturating_sub(self.own)),
+            us(now.rabbit.saturating_sub(self.rabbit)),
+            100.0 * now.busy.saturating_sub(self.busy) as f64
+                / now.total.saturating_sub(self.total).max(1) as f64,
         );
     }
 }

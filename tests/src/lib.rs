@@ -1375,7 +1375,8 @@ impl Drop for PartProcess {
     /// A failing test shows what each of its processes logged last.
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let lines = self.lines();
+            // No unwrap while unwinding: a second panic would abort.
+            let lines = self.lines.lock().map(|l| l.clone()).unwrap_or_default();
             eprintln!(
                 "--- bruno {}: last {} of {} log lines",
                 self.part,

@@ -291,9 +291,6 @@ async fn ingest(State(state): State<Arc<Ingress>>, request: Request) -> Response
     }
 }
 
-/// What Knative says about an event it gave up on (the extensions its
-/// dispatcher adds before sending it to the dead-letter sink), as Bruno's
-/// error code and reason.
 /// The 202 body: how many events were accepted, and their ids.
 #[derive(serde::Serialize)]
 struct Accepted<'a> {
@@ -301,6 +298,9 @@ struct Accepted<'a> {
     ids: Vec<&'a str>,
 }
 
+/// What Knative says about an event it gave up on (the extensions its
+/// dispatcher adds before sending it to the dead-letter sink), as Bruno's
+/// error code and reason.
 fn knative_failure(event: &bruno_events::Event) -> (bruno_runtime::ErrorCode, String) {
     use base64::Engine as _;
     use bruno_runtime::ErrorCode;
