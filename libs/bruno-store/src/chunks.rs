@@ -474,7 +474,13 @@ impl Chunks {
             )));
         }
         let candidates = ranking.candidates(k);
-        let columns = ["id", "doc_id", "source", "title", "text", "vector"];
+        // The vectors only serve MMR; at λ = 1 (the default) it needs none.
+        let with_vectors = ranking.mmr_lambda < 1.0;
+        let columns: &[&str] = if with_vectors {
+            &["id", "doc_id", "source", "title", "text", "vector"]
+        } else {
+            &["id", "doc_id", "source", "title", "text"]
+        };
         let vector_leg = async {
             if mode == SearchMode::Text {
                 return Ok(Vec::new());
@@ -486,7 +492,7 @@ impl Chunks {
                 .column("vector")
                 .distance_type(DistanceType::Cosine)
                 .limit(candidates)
-                .select(Select::columns(&[&columns[..], &["_distance"]].concat()));
+                .select(Select::columns(&[columns, &["_distance"]].concat()));
             if let Some(p) = filters.predicate() {
                 vector_query = vector_query.only_if(p);
             }
@@ -502,7 +508,7 @@ impl Chunks {
                 .query()
                 .full_text_search(FullTextSearchQuery::new(query_text.to_owned()))
                 .limit(candidates)
-                .select(Select::columns(&[&columns[..], &["_score"]].concat()));
+                .select(Select::columns(&[columns, &["_score"]].concat()));
             if let Some(p) = filters.predicate() {
                 text_query = text_query.only_if(p);
             }
@@ -529,22 +535,23 @@ impl Chunks {
                     let sources = strings(batch, "source")?;
                     let titles = strings(batch, "title")?;
                     let texts = strings(batch, "text")?;
-                    let vectors = batch
-                        .column_by_name("vector")
-                        .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
-                        .ok_or_else(|| StoreError::Corrupt(format!("{TABLE}.vector")))?;
+                    let vectors = if with_vectors {
+                        Some(
+                            batch
+                                .column_by_name("vector")
+                                .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+                                .ok_or_else(|| StoreError::Corrupt(format!("{TABLE}.vector")))?,
+                        )
+                    } else {
+                        None
+                    };
                     for i in 0..batch.num_rows() {
                         let id = ids.value(i).to_owned();
                         let value = relevance.value(i);
                         let value = if is_distance { 1.0 - value } else { value };
                         ranked.push((id.clone(), value));
                         rows.entry(id.clone()).or_insert_with(|| {
-                            let values = vectors.value(i);
-                            let vector = values
-                                .as_any()
-                                .downcast_ref::<Float32Array>()
-                                .map(|a| a.values().to_vec())
-                                .unwrap_or_default();
+                            let vector = crate::vector_at(vectors, i);
                             let hit = Hit {
                                 chunk_id: id,
                                 doc_id: doc_ids.value(i).to_owned(),

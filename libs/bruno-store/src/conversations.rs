@@ -92,14 +92,7 @@ fn turns(batches: &[RecordBatch]) -> Result<Vec<TurnRow>, StoreError> {
             .column_by_name("vector")
             .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>());
         for i in 0..batch.num_rows() {
-            let vector = vectors
-                .and_then(|v| {
-                    v.value(i)
-                        .as_any()
-                        .downcast_ref::<Float32Array>()
-                        .map(|a| a.values().to_vec())
-                })
-                .unwrap_or_default();
+            let vector = crate::vector_at(vectors, i);
             out.push(TurnRow {
                 id: ids.value(i).to_owned(),
                 session_id: sessions.value(i).to_owned(),

@@ -232,6 +232,23 @@ impl Store {
     }
 }
 
+/// Row `i` of a vector column, or no vector when the query did not read
+/// the column.
+fn vector_at(
+    vectors: Option<&lancedb::arrow::arrow_array::FixedSizeListArray>,
+    i: usize,
+) -> Vec<f32> {
+    use lancedb::arrow::arrow_array::{Array, Float32Array};
+    vectors
+        .and_then(|v| {
+            v.value(i)
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .map(|a| a.values().to_vec())
+        })
+        .unwrap_or_default()
+}
+
 fn embedder_label(model: &str, dimension: impl std::fmt::Display) -> String {
     format!("{model}/{dimension}")
 }

@@ -198,6 +198,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// (index, relevance in 0..=1, vector), trading relevance against similarity
 /// to what is already picked; `lambda` = 1 is pure relevance.
 pub fn mmr(candidates: &[(usize, f32, &[f32])], k: usize, lambda: f32) -> Vec<usize> {
+    if lambda >= 1.0 {
+        // Pure relevance (the default): the same picks without a single
+        // similarity, so the vectors need not even be read.
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        order.sort_by(|&a, &b| {
+            candidates[b]
+                .1
+                .total_cmp(&candidates[a].1)
+                .then_with(|| a.cmp(&b))
+        });
+        return order.into_iter().take(k).map(|c| candidates[c].0).collect();
+    }
     // Each candidate left keeps its largest similarity to anything picked
     // so far, updated with the one new pick per round: O(k·n·d), not
     // O(k²·n·d).
@@ -381,7 +393,15 @@ mod tests {
             let candidates: Vec<(usize, f32, &[f32])> = vectors
                 .iter()
                 .enumerate()
-                .map(|(i, v)| (i * 3, 1.0 / (1.0 + i as f32), v.as_slice()))
+                .map(|(i, v)| {
+                    // Odd rounds: relevance out of order and with ties.
+                    let relevance = if round % 2 == 0 {
+                        1.0 / (1.0 + i as f32)
+                    } else {
+                        ((i * 7) % 5) as f32 / 4.0
+                    };
+                    (i * 3, relevance, v.as_slice())
+                })
                 .collect();
             for k in [1, 3, 10, n] {
                 for lambda in [0.0, 0.5, 0.7, 1.0] {
