@@ -164,6 +164,55 @@ async fn a_rare_keyword_finds_its_document_first() {
     assert!(hits.len() <= 5);
 }
 
+/// MMR below λ = 1 reads the vectors back and skips a duplicate; at λ = 1
+/// (no vectors read) the fused order stands, duplicate included.
+#[tokio::test]
+async fn mmr_below_one_skips_a_duplicate_and_one_keeps_the_fused_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = store(&dir).await.chunks(&info()).await.unwrap();
+    let mut docs = vec![
+        doc("dup-a", "wiki", "h", &["backup restore snapshot volume"]),
+        doc("dup-b", "wiki", "h", &["backup restore snapshot volume"]),
+    ];
+    for i in 0..10 {
+        docs.push(doc(
+            &format!("filler{i}"),
+            "wiki",
+            "h",
+            &["the router lease expires when the gateway is idle"],
+        ));
+    }
+    chunks.write(&docs).await.unwrap();
+    let query = "backup restore snapshot volume";
+    let search = |lambda: f32| {
+        let ranking = bruno_store::Ranking {
+            mmr_lambda: lambda,
+            ..Default::default()
+        };
+        let chunks = chunks.clone();
+        async move {
+            chunks
+                .search_ranked(
+                    &embed(query),
+                    query,
+                    2,
+                    &SearchFilters::default(),
+                    bruno_store::SearchMode::Hybrid,
+                    &ranking,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let mut pure: Vec<String> = search(1.0).await.into_iter().map(|h| h.doc_id).collect();
+    pure.sort();
+    assert_eq!(pure, ["dup-a", "dup-b"]);
+    let diverse = search(0.3).await;
+    assert_eq!(diverse.len(), 2);
+    assert!(diverse[0].doc_id.starts_with("dup-"), "{diverse:?}");
+    assert!(diverse[1].doc_id.starts_with("filler"), "{diverse:?}");
+}
+
 #[tokio::test]
 async fn filters_are_escaped_not_spliced() {
     let dir = tempfile::tempdir().unwrap();
