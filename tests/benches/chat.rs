@@ -14,14 +14,20 @@
 //! asking once a second, for the overhead of a turn under concurrency at a
 //! load the box can serve. Last, the retriever's stages are timed alone.
 //!
+//! Then the goal's baseline: 1-session turns through a fresh fleet against
+//! the same work in one process (the fleet's own handlers called with no
+//! broker, each turn's memory written in the background as the fleet does),
+//! on fresh copies of the store, in rotating rounds.
+//!
 //! Last, the cost of tracing: 1-session turns through a fresh fleet with no
 //! subscriber, with the binary's default subscriber (spans, no export) and
 //! with spans exported to an OTLP receiver in this process.
 //!
 //! Run: `cargo bench -p bruno-system-tests --bench chat` (BENCH_TURNS,
-//! BENCH_PACE_MS, BENCH_PACED_TURNS, BENCH_TRACE_TURNS, BENCH_TRACE_ROUNDS).
-//! `BENCH_ONLY=floor` runs only the 1-session turns and the in-process
-//! floor they are compared with (about 30 s, for before/after runs).
+//! BENCH_PACE_MS, BENCH_PACED_TURNS, BENCH_SAME_TURNS, BENCH_SAME_ROUNDS,
+//! BENCH_TRACE_TURNS, BENCH_TRACE_ROUNDS). `BENCH_ONLY=floor` runs only the
+//! 1-session turns, the stages alone and the same-work comparison (about a
+//! minute, for before/after runs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[global_allocator]
@@ -173,9 +179,6 @@ async fn stages(
     llm: &str,
 ) -> Histogram<u64> {
     use bruno_embed::Embedder;
-    use bruno_events::payload::{ChatCompleted, ChatContextualized, ChatRequested};
-    use bruno_events::{AttributesReader, EventData};
-    use bruno_runtime::{Context, FromEvent, Handler, Incoming};
     const N: usize = 100;
     let model = Arc::new(bruno_embed::AnyEmbedder::from_config(&config.embedder).unwrap());
     let store = Store::open(StoreConfig {
@@ -234,8 +237,6 @@ async fn stages(
         Default::default(),
     );
     let generator = bruno_generator::Generator::new(config.generator.clone(), Default::default());
-    let no_broker = |part: &str| Context::new(part, None, CancellationToken::new());
-    let (retriever_ctx, generator_ctx) = (no_broker("retriever"), no_broker("generator"));
     let (mut handlers, mut retriever_own) = (
         Histogram::<u64>::new(3).unwrap(),
         Histogram::<u64>::new(3).unwrap(),
@@ -291,42 +292,8 @@ async fn stages(
         floor.record(started.elapsed().as_micros() as u64).unwrap();
         // The handlers.
         let started = Instant::now();
-        let request = ChatRequested {
-            session_id: "bench-0-false".into(),
-            message: q.clone(),
-            options: Default::default(),
-        };
-        let event = bruno_events::new_event("bench", &request);
-        let data = FromEvent::from_event(&event).unwrap();
-        let out = retriever
-            .handle(
-                Incoming {
-                    event,
-                    data,
-                    attempts: 0,
-                },
-                &retriever_ctx,
-            )
-            .await
-            .unwrap();
-        retriever_own
-            .record(started.elapsed().as_micros() as u64)
-            .unwrap();
-        let contextualized = out.into_iter().next().unwrap();
-        assert_eq!(contextualized.ty(), ChatContextualized::TYPE);
-        let data = ChatContextualized::from_event(&contextualized).unwrap();
-        let answer = generator
-            .handle(
-                Incoming {
-                    event: contextualized,
-                    data,
-                    attempts: 0,
-                },
-                &generator_ctx,
-            )
-            .await
-            .unwrap();
-        assert_eq!(answer.last().unwrap().ty(), ChatCompleted::TYPE);
+        let (own, _) = handlers_turn(&retriever, &generator, &q).await;
+        retriever_own.record(own.as_micros() as u64).unwrap();
         handlers
             .record(started.elapsed().as_micros() as u64)
             .unwrap();
@@ -502,7 +469,7 @@ async fn main() {
     .await;
     if let Some(single) = single {
         println!(
-            "1-session turn through the fleet vs its in-process floor: p50 {:.2} / {:.2} ms = {:.2}x (goal <= 1.25x), p99 {:.2} / {:.2} ms = {:.2}x (goal <= 1.5x)",
+            "1-session turn through the fleet vs its stages alone on the settled, idle tables (no memory writes): p50 {:.2} / {:.2} ms = {:.2}x (goal <= 1.25x), p99 {:.2} / {:.2} ms = {:.2}x (goal <= 1.5x)",
             ms(&single, 0.5),
             ms(&floor, 0.5),
             ms(&single, 0.5) / ms(&floor, 0.5),
@@ -515,6 +482,7 @@ async fn main() {
         shutdown.cancel();
         let _ = fleet.await;
         h.cleanup().await;
+        same_work_cost(dir.path(), &url, env_or("BENCH_SAME_TURNS", 200)).await;
         return;
     }
     let ttft = first_deltas(gateway, 100).await;
@@ -531,10 +499,232 @@ async fn main() {
     let _ = fleet.await;
     h.cleanup().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    same_work_cost(dir.path(), &url, env_or("BENCH_SAME_TURNS", 200)).await;
     broker_cost(dir.path(), &url, env_or("BENCH_BROKER_TURNS", 300)).await;
     priority_cost(dir.path(), &url, env_or("BENCH_PRIORITY_TURNS", 300)).await;
     tracing_cost(dir.path(), &url, env_or("BENCH_TRACE_TURNS", 300)).await;
     hops(dir.path(), &url, env_or("BENCH_HOP_TURNS", 200)).await;
+}
+
+/// One turn of session `bench-0-false` through the fleet's retriever and
+/// generator handlers called in-process, with no broker between them: the
+/// retriever's own time and the generator's `chat.completed`.
+async fn handlers_turn(
+    retriever: &bruno_retriever::Retriever,
+    generator: &bruno_generator::Generator,
+    message: &str,
+) -> (Duration, bruno_events::Event) {
+    use bruno_events::payload::{ChatCompleted, ChatContextualized, ChatRequested};
+    use bruno_events::{AttributesReader, EventData};
+    use bruno_runtime::{Context, FromEvent, Handler, Incoming};
+    let no_broker = |part: &str| Context::new(part, None, CancellationToken::new());
+    let started = Instant::now();
+    let request = ChatRequested {
+        session_id: "bench-0-false".into(),
+        message: message.to_owned(),
+        options: Default::default(),
+    };
+    let event = bruno_events::new_event("bench", &request);
+    let data = FromEvent::from_event(&event).unwrap();
+    let contextualized = retriever
+        .handle(
+            Incoming {
+                event,
+                data,
+                attempts: 0,
+            },
+            &no_broker("retriever"),
+        )
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let own = started.elapsed();
+    assert_eq!(contextualized.ty(), ChatContextualized::TYPE);
+    let data = FromEvent::from_event(&contextualized).unwrap();
+    let completed = generator
+        .handle(
+            Incoming {
+                event: contextualized,
+                data,
+                attempts: 0,
+            },
+            &no_broker("generator"),
+        )
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(completed.ty(), ChatCompleted::TYPE);
+    (own, completed)
+}
+
+/// The same work as the fleet's turns, in one process: the fleet's own
+/// handlers, as the fleet configures them, called one after the other with
+/// no broker (the retriever, then the generator: the turn's answer), and
+/// each turn's memory write (the embedder on `chat.completed`, then the
+/// writer with its batching and compaction) started in the background, as
+/// the fleet's embedder starts it once the answer is out. Closed loop, one
+/// session, over the store in `dir`: `warmup` turns, then `n` timed.
+async fn same_work_in_process(
+    dir: &std::path::Path,
+    url: &str,
+    warmup: usize,
+    n: usize,
+) -> Histogram<u64> {
+    use bruno_embed::Embedder;
+    use bruno_embedder::{EmbedderInput, EmbedderService};
+    use bruno_runtime::{Context, FromEvent, Handler, Incoming};
+    use bruno_writer::{Writer, WriterInput};
+    let config = fleet_config(&Config::default().broker, dir, url);
+    let embedder_config = config.embedder.clone();
+    let model = tokio::task::spawn_blocking(move || {
+        bruno_embed::AnyEmbedder::from_config(&embedder_config)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let model = Arc::new(model);
+    let store = Store::open(config.store.clone()).await.unwrap();
+    let retriever = bruno_retriever::Retriever::new(
+        model.clone(),
+        store.clone(),
+        config.retriever.clone(),
+        Default::default(),
+    );
+    let generator = bruno_generator::Generator::new(config.generator.clone(), Default::default());
+    let embedder = Arc::new(EmbedderService::new(
+        model.clone(),
+        Some(store.clone()),
+        config.chunking.clone(),
+        Default::default(),
+    ));
+    let writer = Arc::new(Writer::new(
+        store.clone(),
+        &config.writer,
+        Default::default(),
+    ));
+    let no_broker = |part: &str| Context::new(part, None, CancellationToken::new());
+    let (embedder_ctx, writer_ctx) = (no_broker("embedder"), no_broker("writer"));
+    writer.start(&writer_ctx).await;
+    let (mut hist, mut retriever_own) = (
+        Histogram::<u64>::new(3).unwrap(),
+        Histogram::<u64>::new(3).unwrap(),
+    );
+    let mut memory = tokio::task::JoinSet::new();
+    for t in 0..warmup + n {
+        let started = Instant::now();
+        let q = format!("how do I restore backup {t}?");
+        let (own, completed) = handlers_turn(&retriever, &generator, &q).await;
+        if t >= warmup {
+            hist.record(started.elapsed().as_micros() as u64).unwrap();
+            retriever_own.record(own.as_micros() as u64).unwrap();
+        }
+        let (embedder, writer) = (embedder.clone(), writer.clone());
+        let (embedder_ctx, writer_ctx) = (embedder_ctx.clone(), writer_ctx.clone());
+        memory.spawn(async move {
+            let data = EmbedderInput::from_event(&completed).unwrap();
+            let writes = embedder
+                .handle(
+                    Incoming {
+                        event: completed,
+                        data,
+                        attempts: 0,
+                    },
+                    &embedder_ctx,
+                )
+                .await
+                .unwrap();
+            for write in writes {
+                let data = WriterInput::from_event(&write).unwrap();
+                writer
+                    .handle(
+                        Incoming {
+                            event: write,
+                            data,
+                            attempts: 0,
+                        },
+                        &writer_ctx,
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+        while let Some(done) = memory.try_join_next() {
+            done.unwrap();
+        }
+    }
+    while let Some(done) = memory.join_next().await {
+        done.unwrap();
+    }
+    let rows = store
+        .existing_conversations(model.info())
+        .await
+        .unwrap()
+        .unwrap()
+        .count(None)
+        .await
+        .unwrap();
+    assert!(
+        rows >= 2 * (warmup + n),
+        "every turn remembered: {rows} rows"
+    );
+    // The writer's batcher ends once its handler (the sender) is gone.
+    drop(writer);
+    println!(
+        "  same work in one process: turn p50 {:.2} ms p99 {:.2} ms, of which the retriever's handler p50 {:.2} ms p99 {:.2} ms",
+        ms(&hist, 0.5),
+        ms(&hist, 0.99),
+        ms(&retriever_own, 0.5),
+        ms(&retriever_own, 0.99),
+    );
+    hist
+}
+
+/// 1-session closed-loop turns through a fresh fleet on RabbitMQ against
+/// the same work in one process ([`same_work_in_process`]), each on a
+/// fresh copy of the store in `dir` after 30 warm-up turns, the order
+/// rotating over `BENCH_SAME_ROUNDS` rounds; medians of the rounds.
+async fn same_work_cost(dir: &std::path::Path, url: &str, n: usize) {
+    use bruno_system_tests::median;
+    let rounds = env_or("BENCH_SAME_ROUNDS", 3);
+    let (mut p50s, mut p99s) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
+    for round in 0..rounds {
+        for offset in 0..2 {
+            let i = (round + offset) % 2;
+            let fresh = copy_of(dir);
+            let hist = if i == 0 {
+                on_fleet(fresh.path(), url, |gateway| turns(gateway, 1, n)).await
+            } else {
+                same_work_in_process(fresh.path(), url, 30, n).await
+            };
+            p50s[i].push(ms(&hist, 0.5));
+            p99s[i].push(ms(&hist, 0.99));
+        }
+    }
+    let (fleet50, fleet99) = (median(&p50s[0]), median(&p99s[0]));
+    let (one50, one99) = (median(&p50s[1]), median(&p99s[1]));
+    let rounds_of = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!(
+        "rounds, p50 (p99) ms: through the fleet {} ({}); the same work in one process {} ({})",
+        rounds_of(&p50s[0]),
+        rounds_of(&p99s[0]),
+        rounds_of(&p50s[1]),
+        rounds_of(&p99s[1]),
+    );
+    println!(
+        "same work in one process (the fleet's handlers, no broker, each turn's memory written in the background), 1 session, {n} turns, medians of {rounds} rounds: p50 {one50:.2} ms p99 {one99:.2} ms"
+    );
+    println!(
+        "1-session turn through the fleet vs the same work in one process: p50 {fleet50:.2} / {one50:.2} ms = {:.2}x (goal <= 1.25x), p99 {fleet99:.2} / {one99:.2} ms = {:.2}x (goal <= 1.5x)",
+        fleet50 / one50,
+        fleet99 / one99,
+    );
 }
 
 /// Per-hop breakdown of a 1-session chat turn (`POST /v1/chat`) and a
