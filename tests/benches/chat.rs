@@ -688,6 +688,9 @@ async fn same_work_in_process(
 async fn same_work_cost(dir: &std::path::Path, url: &str, n: usize) {
     use bruno_system_tests::median;
     let rounds = env_or("BENCH_SAME_ROUNDS", 3);
+    if rounds == 0 {
+        return;
+    }
     let (mut p50s, mut p99s) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
     for round in 0..rounds {
         for offset in 0..2 {
@@ -829,6 +832,9 @@ async fn broker_cost(dir: &std::path::Path, url: &str, n: usize) {
     use bruno_system_tests::{BrokerKind, median, spawn_fleet};
     let kinds = [BrokerKind::RabbitMq, BrokerKind::Embedded];
     let rounds = env_or("BENCH_BROKER_ROUNDS", 3);
+    if rounds == 0 {
+        return;
+    }
     let mut p50s = vec![Vec::new(); kinds.len()];
     let mut p99s = vec![Vec::new(); kinds.len()];
     for round in 0..rounds {
@@ -872,6 +878,9 @@ async fn priority_cost(dir: &std::path::Path, url: &str, n: usize) {
     use bruno_system_tests::median;
     let modes = [true, false];
     let rounds = env_or("BENCH_PRIORITY_ROUNDS", 3);
+    if rounds == 0 {
+        return;
+    }
     let (mut p50s, mut p99s) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
     for round in 0..rounds {
         for offset in 0..modes.len() {
@@ -953,9 +962,12 @@ fn fleet_config(broker: &bruno_broker::BrokerConfig, dir: &std::path::Path, url:
 /// the modes interleaved over `BENCH_TRACE_ROUNDS` rounds; medians per mode.
 async fn tracing_cost(dir: &std::path::Path, url: &str, n: usize) {
     use bruno_system_tests::{OtlpReceiver, Tracing, median};
+    let rounds = env_or("BENCH_TRACE_ROUNDS", 3);
+    if rounds == 0 {
+        return;
+    }
     let otlp = OtlpReceiver::start_counting().await;
     let modes = Tracing::modes(&otlp.endpoint);
-    let rounds = env_or("BENCH_TRACE_ROUNDS", 3);
     let mut p50s = vec![Vec::new(); modes.len()];
     let mut p99s = vec![Vec::new(); modes.len()];
     for round in 0..rounds {
