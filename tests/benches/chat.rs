@@ -572,7 +572,6 @@ async fn same_work_in_process(
     warmup: usize,
     n: usize,
 ) -> Histogram<u64> {
-    use bruno_embed::Embedder;
     use bruno_embedder::{EmbedderInput, EmbedderService};
     use bruno_runtime::{Context, FromEvent, Handler, Incoming};
     use bruno_writer::{Writer, WriterInput};
@@ -604,6 +603,7 @@ async fn same_work_in_process(
         &config.writer,
         Default::default(),
     ));
+    let rows_before = remembered(&store, &model).await;
     let no_broker = |part: &str| Context::new(part, None, CancellationToken::new());
     let (embedder_ctx, writer_ctx) = (no_broker("embedder"), no_broker("writer"));
     writer.start(&writer_ctx).await;
@@ -657,17 +657,11 @@ async fn same_work_in_process(
     while let Some(done) = memory.join_next().await {
         done.unwrap();
     }
-    let rows = store
-        .existing_conversations(model.info())
-        .await
-        .unwrap()
-        .unwrap()
-        .count(None)
-        .await
-        .unwrap();
-    assert!(
-        rows >= 2 * (warmup + n),
-        "every turn remembered: {rows} rows"
+    let rows = remembered(&store, &model).await - rows_before;
+    assert_eq!(
+        rows,
+        2 * (warmup + n),
+        "every turn remembered: a question and an answer each"
     );
     // The writer's batcher ends once its handler (the sender) is gone.
     drop(writer);
@@ -679,6 +673,15 @@ async fn same_work_in_process(
         ms(&retriever_own, 0.99),
     );
     hist
+}
+
+/// Rows in the conversations table of `model` (0 before it exists).
+async fn remembered(store: &Store, model: &bruno_embed::AnyEmbedder) -> usize {
+    use bruno_embed::Embedder;
+    match store.existing_conversations(model.info()).await.unwrap() {
+        Some(t) => t.count(None).await.unwrap(),
+        None => 0,
+    }
 }
 
 /// 1-session closed-loop turns through a fresh fleet on RabbitMQ against
