@@ -237,6 +237,7 @@ async fn stages(
         Default::default(),
     );
     let generator = bruno_generator::Generator::new(config.generator.clone(), Default::default());
+    let contexts = no_broker_contexts();
     let (mut handlers, mut retriever_own) = (
         Histogram::<u64>::new(3).unwrap(),
         Histogram::<u64>::new(3).unwrap(),
@@ -292,7 +293,7 @@ async fn stages(
         floor.record(started.elapsed().as_micros() as u64).unwrap();
         // The handlers.
         let started = Instant::now();
-        let (own, _) = handlers_turn(&retriever, &generator, &q).await;
+        let (own, _) = handlers_turn((&retriever, &generator), &contexts, &q).await;
         retriever_own.record(own.as_micros() as u64).unwrap();
         handlers
             .record(started.elapsed().as_micros() as u64)
@@ -506,18 +507,24 @@ async fn main() {
     hops(dir.path(), &url, env_or("BENCH_HOP_TURNS", 200)).await;
 }
 
+/// The retriever's and the generator's contexts with no broker, made once
+/// (the fleet makes one per part, not per message).
+fn no_broker_contexts() -> [bruno_runtime::Context; 2] {
+    let no_broker = |part: &str| bruno_runtime::Context::new(part, None, CancellationToken::new());
+    [no_broker("retriever"), no_broker("generator")]
+}
+
 /// One turn of session `bench-0-false` through the fleet's retriever and
 /// generator handlers called in-process, with no broker between them: the
 /// retriever's own time and the generator's `chat.completed`.
 async fn handlers_turn(
-    retriever: &bruno_retriever::Retriever,
-    generator: &bruno_generator::Generator,
+    (retriever, generator): (&bruno_retriever::Retriever, &bruno_generator::Generator),
+    contexts: &[bruno_runtime::Context; 2],
     message: &str,
 ) -> (Duration, bruno_events::Event) {
     use bruno_events::payload::{ChatCompleted, ChatContextualized, ChatRequested};
     use bruno_events::{AttributesReader, EventData};
-    use bruno_runtime::{Context, FromEvent, Handler, Incoming};
-    let no_broker = |part: &str| Context::new(part, None, CancellationToken::new());
+    use bruno_runtime::{FromEvent, Handler, Incoming};
     let started = Instant::now();
     let request = ChatRequested {
         session_id: "bench-0-false".into(),
@@ -533,7 +540,7 @@ async fn handlers_turn(
                 data,
                 attempts: 0,
             },
-            &no_broker("retriever"),
+            &contexts[0],
         )
         .await
         .unwrap()
@@ -549,7 +556,7 @@ async fn handlers_turn(
                 data,
                 attempts: 0,
             },
-            &no_broker("generator"),
+            &contexts[1],
         )
         .await
         .unwrap()
@@ -606,6 +613,7 @@ async fn same_work_in_process(
     let rows_before = remembered(&store, &model).await;
     let no_broker = |part: &str| Context::new(part, None, CancellationToken::new());
     let (embedder_ctx, writer_ctx) = (no_broker("embedder"), no_broker("writer"));
+    let contexts = no_broker_contexts();
     writer.start(&writer_ctx).await;
     let (mut hist, mut retriever_own) = (
         Histogram::<u64>::new(3).unwrap(),
@@ -615,7 +623,7 @@ async fn same_work_in_process(
     for t in 0..warmup + n {
         let started = Instant::now();
         let q = format!("how do I restore backup {t}?");
-        let (own, completed) = handlers_turn(&retriever, &generator, &q).await;
+        let (own, completed) = handlers_turn((&retriever, &generator), &contexts, &q).await;
         if t >= warmup {
             hist.record(started.elapsed().as_micros() as u64).unwrap();
             retriever_own.record(own.as_micros() as u64).unwrap();
