@@ -164,16 +164,94 @@ fn build(
         .with_tracer(provider.tracer("bruno"))
         .with_location(false)
         .with_threads(false)
-        .with_filter(Targets::new().with_target("bruno", Level::INFO));
+        .with_filter(Fresh(Targets::new().with_target("bruno", Level::INFO)));
     let dispatch = tracing::Dispatch::new(
         tracing_subscriber::registry()
-            .with(fmt.with_filter(filter))
+            .with(fmt.with_filter(Fresh(filter)))
             .with(otel),
     );
     let guard = TelemetryGuard {
         provider: Some(provider),
     };
     (dispatch, guard, exporting)
+}
+
+/// A per-layer filter whose decisions are never cached as "always".
+///
+/// `tracing-subscriber` hands each per-layer filter's decision from
+/// `enabled` to `on_new_span`/`on_event` through a thread-local bitmap. A
+/// callsite every filter enables is cached as "always", and its spans skip
+/// `enabled`: they then read whatever the last `enabled` call on that
+/// thread left there. LanceDB logs through the `log` crate, whose
+/// `log_enabled!` checks call `enabled` with no span or event after them,
+/// so a consumer's `process` span created next on that thread was dropped
+/// by both layers: the writer's commit of a chat turn's memory then started
+/// a trace of its own (tokio-rs/tracing#2519). "Sometimes" makes `enabled`
+/// run before every span and event, so the bitmap is always fresh.
+struct Fresh<F>(F);
+
+impl<S, F: tracing_subscriber::layer::Filter<S>> tracing_subscriber::layer::Filter<S> for Fresh<F> {
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        self.0.enabled(meta, cx)
+    }
+
+    fn callsite_enabled(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        let interest = self.0.callsite_enabled(meta);
+        if interest.is_always() {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            interest
+        }
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        self.0.event_enabled(event, cx)
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        self.0.max_level_hint()
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_new_span(attrs, id, cx);
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.on_record(id, values, cx);
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_enter(id, cx);
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_exit(id, cx);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_close(id, cx);
+    }
 }
 
 /// Axum middleware: a `server` span per request (not for `/live` and
@@ -464,5 +542,36 @@ mod tests {
         ] {
             assert_eq!(redact(line), line);
         }
+    }
+
+    /// A check of whether some library's logs are on (LanceDB's
+    /// `log_enabled!` through tracing-log does exactly this: `enabled` with
+    /// no span or event after it) must not hide the next span from the
+    /// layers: before `Fresh`, the second `process` span below had no
+    /// OpenTelemetry context, and what it parented started traces of their
+    /// own.
+    #[test]
+    fn a_log_level_check_does_not_hide_the_next_span_from_the_layers() {
+        let log = LogSettings {
+            json: true,
+            filter: "info".into(),
+        };
+        let (dispatch, _guard) = super::dispatch(&log, &TelemetryConfig::default(), "test");
+        tracing::dispatcher::with_default(&dispatch, || {
+            let traced = |span: &tracing::Span| {
+                use tracing_opentelemetry::OpenTelemetrySpanExt;
+                span.context().span().span_context().is_valid()
+            };
+            let process = || tracing::info_span!(target: "bruno_test", "process");
+            // The first span registers its callsite: every filter enables it.
+            assert!(traced(&process()), "a bruno span is traced");
+            for _ in 0..3 {
+                // Enabled for the log lines, not for the traces: the
+                // filters disagree, and `enabled` runs with nothing after it.
+                let logged = tracing::enabled!(target: "lance::io", Level::INFO);
+                assert!(logged, "the log filter keeps info lines");
+                assert!(traced(&process()), "the span after a level check is traced");
+            }
+        });
     }
 }
