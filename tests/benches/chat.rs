@@ -293,7 +293,7 @@ async fn stages(
         floor.record(started.elapsed().as_micros() as u64).unwrap();
         // The handlers.
         let started = Instant::now();
-        let (own, _) = handlers_turn((&retriever, &generator), &contexts, &q).await;
+        let (own, _) = handlers_turn(&retriever, &generator, &contexts, &q).await;
         retriever_own.record(own.as_micros() as u64).unwrap();
         handlers
             .record(started.elapsed().as_micros() as u64)
@@ -507,10 +507,14 @@ async fn main() {
     hops(dir.path(), &url, env_or("BENCH_HOP_TURNS", 200)).await;
 }
 
-/// The retriever's and the generator's contexts with no broker, made once
-/// (the fleet makes one per part, not per message).
+/// A part's context with no broker; made once per part, as the fleet does,
+/// not per message.
+fn no_broker(part: &str) -> bruno_runtime::Context {
+    bruno_runtime::Context::new(part, None, CancellationToken::new())
+}
+
+/// The retriever's and the generator's contexts with no broker.
 fn no_broker_contexts() -> [bruno_runtime::Context; 2] {
-    let no_broker = |part: &str| bruno_runtime::Context::new(part, None, CancellationToken::new());
     [no_broker("retriever"), no_broker("generator")]
 }
 
@@ -518,7 +522,8 @@ fn no_broker_contexts() -> [bruno_runtime::Context; 2] {
 /// generator handlers called in-process, with no broker between them: the
 /// retriever's own time and the generator's `chat.completed`.
 async fn handlers_turn(
-    (retriever, generator): (&bruno_retriever::Retriever, &bruno_generator::Generator),
+    retriever: &bruno_retriever::Retriever,
+    generator: &bruno_generator::Generator,
     contexts: &[bruno_runtime::Context; 2],
     message: &str,
 ) -> (Duration, bruno_events::Event) {
@@ -580,7 +585,7 @@ async fn same_work_in_process(
     n: usize,
 ) -> Histogram<u64> {
     use bruno_embedder::{EmbedderInput, EmbedderService};
-    use bruno_runtime::{Context, FromEvent, Handler, Incoming};
+    use bruno_runtime::{FromEvent, Handler, Incoming};
     use bruno_writer::{Writer, WriterInput};
     let config = fleet_config(&Config::default().broker, dir, url);
     let embedder_config = config.embedder.clone();
@@ -611,7 +616,6 @@ async fn same_work_in_process(
         Default::default(),
     ));
     let rows_before = remembered(&store, &model).await;
-    let no_broker = |part: &str| Context::new(part, None, CancellationToken::new());
     let (embedder_ctx, writer_ctx) = (no_broker("embedder"), no_broker("writer"));
     let contexts = no_broker_contexts();
     writer.start(&writer_ctx).await;
@@ -623,7 +627,7 @@ async fn same_work_in_process(
     for t in 0..warmup + n {
         let started = Instant::now();
         let q = format!("how do I restore backup {t}?");
-        let (own, completed) = handlers_turn((&retriever, &generator), &contexts, &q).await;
+        let (own, completed) = handlers_turn(&retriever, &generator, &contexts, &q).await;
         if t >= warmup {
             hist.record(started.elapsed().as_micros() as u64).unwrap();
             retriever_own.record(own.as_micros() as u64).unwrap();
