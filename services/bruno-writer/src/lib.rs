@@ -75,6 +75,9 @@ pub struct WriterMetrics {
     commit_seconds: Histogram,
     commits: Counter,
     compactions: Counter,
+    compaction_failures: Counter,
+    maintenance_runs: Counter,
+    maintenance_failures: Counter,
     chunk_rows: Gauge,
     chunk_version: Gauge,
     turn_rows: Gauge,
@@ -87,6 +90,9 @@ impl Default for WriterMetrics {
             commit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             commits: Counter::default(),
             compactions: Counter::default(),
+            compaction_failures: Counter::default(),
+            maintenance_runs: Counter::default(),
+            maintenance_failures: Counter::default(),
             chunk_rows: Gauge::default(),
             chunk_version: Gauge::default(),
             turn_rows: Gauge::default(),
@@ -114,6 +120,21 @@ impl WriterMetrics {
             self.compactions.clone(),
         );
         registry.register(
+            "bruno_writer_compaction_failures",
+            "Compactions that failed (the next one or the scheduled maintenance tries again)",
+            self.compaction_failures.clone(),
+        );
+        registry.register(
+            "bruno_writer_maintenance_runs",
+            "Scheduled table maintenance (index, compaction, cleanup) done, per table",
+            self.maintenance_runs.clone(),
+        );
+        registry.register(
+            "bruno_writer_maintenance_failures",
+            "Scheduled table maintenance that failed, per table",
+            self.maintenance_failures.clone(),
+        );
+        registry.register(
             "bruno_store_chunks_rows",
             "Rows in the chunks table",
             self.chunk_rows.clone(),
@@ -138,6 +159,16 @@ impl WriterMetrics {
     /// Compactions so far (for tests and benches).
     pub fn compactions(&self) -> u64 {
         self.compactions.get()
+    }
+
+    /// Failed compactions so far (for tests).
+    pub fn compaction_failures(&self) -> u64 {
+        self.compaction_failures.get()
+    }
+
+    /// Table maintenance runs done and failed so far (for tests).
+    pub fn maintenance(&self) -> (u64, u64) {
+        (self.maintenance_runs.get(), self.maintenance_failures.get())
     }
 }
 
@@ -347,6 +378,12 @@ impl Handler for Writer {
 struct Tables {
     chunks: Arc<tokio::sync::Mutex<HashMap<(String, u32), Chunks>>>,
     conversations: Arc<tokio::sync::Mutex<HashMap<(String, u32), Conversations>>>,
+    /// Held while a table is compacted or maintained. Two compactions of
+    /// one table at once conflict in Lance's commit and one of them fails,
+    /// so the scheduled maintenance waits for the batcher's compaction,
+    /// and the batcher (which must not stall commits behind a long index
+    /// build) leaves its compaction for its next pause while maintenance runs.
+    upkeep: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Tables {
@@ -408,6 +445,8 @@ async fn batcher(
                 p = rx.recv() => p,
                 _ = stopped.cancelled() => None,
                 _ = tokio::time::sleep(idle) => {
+                    // Maintenance running: try again after the next pause.
+                    let Ok(_upkeep) = tables.upkeep.try_lock() else { continue };
                     for (table, embedder) in std::mem::take(&mut unsettled) {
                         since_compaction.remove(&table);
                         settle(&store, &tables, table, embedder, &metrics).await;
@@ -459,7 +498,12 @@ async fn batcher(
             if *n >= config.compact_every_commits.max(1) {
                 *n = 0;
                 unsettled.remove(&table);
-                compact(&store, &tables, table, &embedder, &metrics).await;
+                if let Ok(_upkeep) = tables.upkeep.try_lock() {
+                    compact(&store, &tables, table, &embedder, &metrics).await;
+                } else if !idle.is_zero() {
+                    // Maintenance is compacting it; the next pause settles the rest.
+                    unsettled.insert(table, Some(embedder));
+                }
             } else if committed && !idle.is_zero() {
                 unsettled.insert(table, Some(embedder));
             }
@@ -491,7 +535,10 @@ async fn settle(
             info!(?table, took = ?started.elapsed(), "compacted what an earlier run left");
         }
         Ok(false) => {}
-        Err(e) => warn!(error = %e, ?table, "compaction failed"),
+        Err(e) => {
+            metrics.compaction_failures.inc();
+            warn!(error = %e, ?table, "compaction failed");
+        }
     }
 }
 
@@ -520,7 +567,10 @@ async fn compact(
             metrics.compactions.inc();
             info!(?table, took = ?started.elapsed(), "compacted");
         }
-        Err(e) => warn!(error = %e, ?table, "compaction failed"),
+        Err(e) => {
+            metrics.compaction_failures.inc();
+            warn!(error = %e, ?table, "compaction failed");
+        }
     }
 }
 
@@ -659,6 +709,7 @@ async fn commit(
 
 /// Compaction, index and cleanup of every open table (the runtime's tick).
 async fn maintain(tables: &Tables, config: &WriterConfig, metrics: &WriterMetrics) {
+    let _upkeep = tables.upkeep.lock().await;
     let keep = chrono::Duration::hours(config.keep_versions_hours);
     let chunks: Vec<Chunks> = tables.chunks.lock().await.values().cloned().collect();
     for t in chunks {
@@ -667,9 +718,13 @@ async fn maintain(tables: &Tables, config: &WriterConfig, metrics: &WriterMetric
                 if let Ok(n) = t.count(None).await {
                     metrics.chunk_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
                 }
+                metrics.maintenance_runs.inc();
                 info!(table = "chunks", "table maintenance done");
             }
-            Err(e) => warn!(error = %e, table = "chunks", "table maintenance failed"),
+            Err(e) => {
+                metrics.maintenance_failures.inc();
+                warn!(error = %e, table = "chunks", "table maintenance failed");
+            }
         }
     }
     let conversations: Vec<Conversations> = tables
@@ -685,9 +740,13 @@ async fn maintain(tables: &Tables, config: &WriterConfig, metrics: &WriterMetric
                 if let Ok(n) = t.count(None).await {
                     metrics.turn_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
                 }
+                metrics.maintenance_runs.inc();
                 info!(table = "conversations", "table maintenance done");
             }
-            Err(e) => warn!(error = %e, table = "conversations", "table maintenance failed"),
+            Err(e) => {
+                metrics.maintenance_failures.inc();
+                warn!(error = %e, table = "conversations", "table maintenance failed");
+            }
         }
     }
 }

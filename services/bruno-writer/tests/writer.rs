@@ -566,3 +566,57 @@ async fn the_writer_compacts_once_writes_pause_and_what_an_earlier_run_left() {
     w.task.await.unwrap();
     h.cleanup().await;
 }
+
+/// The scheduled maintenance and the batcher's compactions take turns:
+/// two compactions of one table at once conflict in Lance's commit, and
+/// one of them failed. Here a commit and a compaction every ~80 ms meet a
+/// maintenance run every second for about four seconds.
+#[tokio::test]
+async fn maintenance_and_compactions_do_not_collide() {
+    let h = Harness::new(vec![writer_spec()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&dir).await;
+    let w = start_writer_with(
+        h.broker.clone(),
+        store.clone(),
+        WriterConfig {
+            batch_ms: 10,
+            compact_every_commits: 1,
+            compact_idle_ms: 100,
+            maintenance_interval_secs: 1,
+            ..WriterConfig::default()
+        },
+    );
+    let turns = 50;
+    for n in 0..turns {
+        h.broker.publish(&turn_event(n)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    let conversations = store
+        .conversations(&StoreEmbedder {
+            model: "test/fake".into(),
+            dimension: DIM,
+        })
+        .await
+        .unwrap();
+    // Every turn stored (a commit may hold several) and a few maintenance runs.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = conversations.count(None).await.unwrap();
+        if rows == 2 * turns && w.metrics.maintenance().0 >= 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{rows} rows, maintenance {:?}",
+            w.metrics.maintenance()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(w.metrics.compactions() > 0);
+    assert_eq!(w.metrics.compaction_failures(), 0, "compactions failed");
+    assert_eq!(w.metrics.maintenance().1, 0, "maintenance failed");
+    w.shutdown.cancel();
+    w.task.await.unwrap();
+    h.cleanup().await;
+}
