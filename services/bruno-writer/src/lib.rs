@@ -21,7 +21,9 @@ use bruno_events::payload::{
 use bruno_events::{Event, reply_event};
 use bruno_runtime::{Context, Handler, HandlerError, Incoming};
 use bruno_store::{ChunkRow, Chunks, Conversations, DocumentWrite, Store, StoreError, TurnRow};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -76,8 +78,7 @@ pub struct WriterMetrics {
     commits: Counter,
     compactions: Counter,
     compaction_failures: Counter,
-    maintenance_runs: Counter,
-    maintenance_failures: Counter,
+    maintenance: Family<MaintenanceLabels, Counter>,
     chunk_rows: Gauge,
     chunk_version: Gauge,
     turn_rows: Gauge,
@@ -85,14 +86,23 @@ pub struct WriterMetrics {
 
 impl Default for WriterMetrics {
     fn default() -> Self {
+        // Every table and result exported from the start (at 0), so the
+        // first failure is an increase an alert can see.
+        let maintenance = Family::<MaintenanceLabels, Counter>::default();
+        for table in ["chunks", "conversations"] {
+            for result in ["done", "failed"] {
+                maintenance
+                    .get_or_create(&MaintenanceLabels { table, result })
+                    .inc_by(0);
+            }
+        }
         Self {
             rows_per_commit: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             commit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             commits: Counter::default(),
             compactions: Counter::default(),
             compaction_failures: Counter::default(),
-            maintenance_runs: Counter::default(),
-            maintenance_failures: Counter::default(),
+            maintenance,
             chunk_rows: Gauge::default(),
             chunk_version: Gauge::default(),
             turn_rows: Gauge::default(),
@@ -126,13 +136,8 @@ impl WriterMetrics {
         );
         registry.register(
             "bruno_writer_maintenance_runs",
-            "Scheduled table maintenance (index, compaction, cleanup) done, per table",
-            self.maintenance_runs.clone(),
-        );
-        registry.register(
-            "bruno_writer_maintenance_failures",
-            "Scheduled table maintenance that failed, per table",
-            self.maintenance_failures.clone(),
+            "Scheduled table maintenance (index, compaction, cleanup) by table and result",
+            self.maintenance.clone(),
         );
         registry.register(
             "bruno_store_chunks_rows",
@@ -166,10 +171,32 @@ impl WriterMetrics {
         self.compaction_failures.get()
     }
 
-    /// Table maintenance runs done and failed so far (for tests).
+    /// Table maintenance runs done and failed so far, all tables (for tests).
     pub fn maintenance(&self) -> (u64, u64) {
-        (self.maintenance_runs.get(), self.maintenance_failures.get())
+        let count = |result| {
+            ["chunks", "conversations"]
+                .into_iter()
+                .map(|table| {
+                    self.maintenance
+                        .get_or_create(&MaintenanceLabels { table, result })
+                        .get()
+                })
+                .sum()
+        };
+        (count("done"), count("failed"))
     }
+
+    fn maintained(&self, table: &'static str, result: &'static str) {
+        self.maintenance
+            .get_or_create(&MaintenanceLabels { table, result })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MaintenanceLabels {
+    table: &'static str,
+    result: &'static str,
 }
 
 type Reply = oneshot::Sender<Result<Committed, HandlerError>>;
@@ -718,11 +745,11 @@ async fn maintain(tables: &Tables, config: &WriterConfig, metrics: &WriterMetric
                 if let Ok(n) = t.count(None).await {
                     metrics.chunk_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
                 }
-                metrics.maintenance_runs.inc();
+                metrics.maintained("chunks", "done");
                 info!(table = "chunks", "table maintenance done");
             }
             Err(e) => {
-                metrics.maintenance_failures.inc();
+                metrics.maintained("chunks", "failed");
                 warn!(error = %e, table = "chunks", "table maintenance failed");
             }
         }
@@ -740,11 +767,11 @@ async fn maintain(tables: &Tables, config: &WriterConfig, metrics: &WriterMetric
                 if let Ok(n) = t.count(None).await {
                     metrics.turn_rows.set(i64::try_from(n).unwrap_or(i64::MAX));
                 }
-                metrics.maintenance_runs.inc();
+                metrics.maintained("conversations", "done");
                 info!(table = "conversations", "table maintenance done");
             }
             Err(e) => {
-                metrics.maintenance_failures.inc();
+                metrics.maintained("conversations", "failed");
                 warn!(error = %e, table = "conversations", "table maintenance failed");
             }
         }
