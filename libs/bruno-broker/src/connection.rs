@@ -373,14 +373,18 @@ impl Broker {
             }
             return result;
         }
-        let encoded = events
+        let (props, bodies): (Vec<_>, Vec<_>) = events
             .iter()
             .zip(&spans)
             .map(|(e, span)| codec::encode_traced(e, crate::trace::context_of(span)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let messages: Vec<_> = encoded
-            .iter()
-            .map(|(p, b)| (p.clone(), b.as_slice()))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
+        // The properties move into the publish (their header table is a
+        // map: a clone per event showed in the ingress's profile).
+        let messages: Vec<_> = props
+            .into_iter()
+            .zip(bodies.iter().map(Vec::as_slice))
             .collect();
         let result = self.publish_many(&exchange, "", messages).await;
         if result.is_err() {
