@@ -17,12 +17,16 @@
 //!
 //! The ingress against raw lapin is a ratio of two throughputs on the same
 //! two cores as RabbitMQ, which moves by several points from one pair of
-//! runs to the next: it is the median over `BENCH_RATIO_ROUNDS` pairs
-//! (default 5), the order alternating.
+//! runs to the next: it is the median over `BENCH_RATIO_ROUNDS` rounds
+//! (default 5), the order rotating. Each round also runs a minimal ingress
+//! (an axum handler that publishes the body with lapin and answers 202,
+//! none of Bruno's code), what any ingress on this stack can reach on
+//! these cores; and each phase prints its context switches per message.
 //!
 //! Run: `cargo bench -p bruno-system-tests --bench backbone`
 //! (env BENCH_N, BENCH_CONCURRENCY to change the load; `BENCH_ONLY=hop`
-//! runs only the hop, `BENCH_ONLY=ingress` only the ingress load).
+//! runs only the hop, `BENCH_ONLY=ingress` only the ingress load,
+//! `BENCH_ONLY=minimal` only the minimal ingress).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 /// The same allocator as the `bruno` binary.
@@ -91,9 +95,9 @@ async fn purge(h: &Harness) {
     let _ = conn.close(200, "".into()).await;
 }
 
-/// Raw lapin: `concurrency` tasks, each publish + await confirm in a loop,
-/// over as many confirm channels as the broker layer uses.
-async fn raw_lapin(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram<u64>) {
+/// A connection of its own with as many confirm channels as the broker
+/// layer uses.
+async fn confirm_channels(h: &Harness) -> (lapin::Connection, Vec<lapin::Channel>) {
     let conn = h.raw().await;
     let mut channels = Vec::new();
     for _ in 0..h.config.publish_channels {
@@ -103,6 +107,52 @@ async fn raw_lapin(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram
             .unwrap();
         channels.push(ch);
     }
+    (conn, channels)
+}
+
+/// Publish `body` (mandatory) and wait for its confirm, which must be an ack.
+async fn publish_confirmed(
+    ch: &lapin::Channel,
+    exchange: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+) {
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            "".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+}
+
+/// The ingress's answer to one accepted event: 202, its id in a JSON body.
+fn accepted(headers: &axum::http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let id = headers
+        .get("ce-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    (
+        axum::http::StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({"accepted": 1, "ids": [id]})),
+    )
+        .into_response()
+}
+
+/// Raw lapin: `concurrency` tasks, each publish + await confirm in a loop,
+/// over as many confirm channels as the broker layer uses.
+async fn raw_lapin(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram<u64>) {
+    let (conn, channels) = confirm_channels(h).await;
     let (props, body) = bruno_broker::codec::encode(&event_1k()).unwrap();
     let exchange = h.topology.names.exchange();
     let left = Arc::new(AtomicU64::new(n as u64));
@@ -120,22 +170,7 @@ async fn raw_lapin(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram
                 .is_ok()
             {
                 let t = Instant::now();
-                let confirm = ch
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        "".into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        &body,
-                        props.clone(),
-                    )
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-                assert!(confirm.is_ack());
+                publish_confirmed(&ch, &exchange, &body, props.clone()).await;
                 hist.record(t.elapsed().as_micros() as u64).unwrap();
             }
             hist
@@ -214,19 +249,12 @@ async fn ingress(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram<u
 /// server that answers them as the ingress does (202, the id in a JSON
 /// body) without parsing, validating or publishing anything.
 async fn http_floor(n: usize, concurrency: usize) -> (f64, Histogram<u64>) {
-    use axum::http::{HeaderMap, StatusCode};
-    async fn accept(headers: HeaderMap, body: axum::body::Bytes) -> axum::response::Response {
-        use axum::response::IntoResponse;
-        let id = headers
-            .get("ce-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
+    async fn accept(
+        headers: axum::http::HeaderMap,
+        body: axum::body::Bytes,
+    ) -> axum::response::Response {
         assert!(!body.is_empty());
-        (
-            StatusCode::ACCEPTED,
-            axum::Json(serde_json::json!({"accepted": 1, "ids": [id]})),
-        )
-            .into_response()
+        accepted(&headers)
     }
     let app = axum::Router::new().route("/", axum::routing::post(accept));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -240,6 +268,59 @@ async fn http_floor(n: usize, concurrency: usize) -> (f64, Histogram<u64>) {
     )
     .await;
     server.abort();
+    out
+}
+
+/// The least an ingress on this stack (axum, lapin, RabbitMQ) can do: a
+/// handler with no middleware that publishes the request body, its AMQP
+/// properties encoded once beforehand, on confirm channels of its own
+/// connection, and answers 202 as the ingress does once the broker
+/// confirmed. No parsing, validation, spans or metrics: what is left is
+/// the HTTP server, the publish and the wake-ups between them.
+async fn minimal_ingress(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram<u64>) {
+    use axum::extract::State;
+    use axum::http::HeaderMap;
+    struct Publisher {
+        channels: Vec<lapin::Channel>,
+        next: std::sync::atomic::AtomicUsize,
+        props: lapin::BasicProperties,
+        exchange: String,
+    }
+    async fn accept(
+        State(p): State<Arc<Publisher>>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> axum::response::Response {
+        let ch = &p.channels[p.next.fetch_add(1, Ordering::Relaxed) % p.channels.len()];
+        publish_confirmed(ch, &p.exchange, &body, p.props.clone()).await;
+        accepted(&headers)
+    }
+    let (conn, channels) = confirm_channels(h).await;
+    let (props, _) = bruno_broker::codec::encode(&event_1k()).unwrap();
+    let publisher = Arc::new(Publisher {
+        channels,
+        next: Default::default(),
+        props,
+        exchange: h.topology.names.exchange(),
+    });
+    let app = axum::Router::new()
+        .route("/", axum::routing::post(accept))
+        .with_state(publisher);
+    let stop = CancellationToken::new();
+    // Served as the ingress is (TCP_NODELAY on every connection).
+    let (addr, _task) =
+        bruno_runtime::admin::serve("127.0.0.1:0".parse().unwrap(), app, stop.clone())
+            .await
+            .unwrap();
+    let out = http_load(
+        addr,
+        n,
+        concurrency,
+        &format!("minimal ingress: axum + lapin only (c={concurrency})"),
+    )
+    .await;
+    stop.cancel();
+    let _ = conn.close(200, "".into()).await;
     out
 }
 
@@ -295,6 +376,27 @@ struct Cpu {
     rabbit: u64,
     busy: u64,
     total: u64,
+    /// Context switches (voluntary and not) of this process's threads and
+    /// of RabbitMQ's.
+    own_switches: u64,
+    rabbit_switches: u64,
+}
+
+/// Context switches of every thread of process `pid` (`/proc/<pid>/task`).
+fn switches(pid: &std::path::Path) -> u64 {
+    std::fs::read_dir(pid.join("task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
 }
 
 /// utime + stime of a `/proc/<pid>/stat` line.
@@ -309,13 +411,19 @@ impl Cpu {
     fn now() -> Self {
         let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
         let own = stat_ticks(&read("/proc/self/stat".into())).unwrap_or(0);
-        let rabbit = std::fs::read_dir("/proc")
+        let beams: Vec<std::path::PathBuf> = std::fs::read_dir("/proc")
             .into_iter()
             .flatten()
             .flatten()
             .filter(|e| read(e.path().join("comm")).trim() == "beam.smp")
-            .filter_map(|e| stat_ticks(&read(e.path().join("stat"))))
+            .map(|e| e.path())
+            .collect();
+        let rabbit = beams
+            .iter()
+            .filter_map(|p| stat_ticks(&read(p.join("stat"))))
             .sum();
+        let own_switches = switches("/proc/self".as_ref());
+        let rabbit_switches = beams.iter().map(|p| switches(p)).sum();
         // The first line of /proc/stat: user nice system idle iowait irq
         // softirq steal ...
         let all = read("/proc/stat".into());
@@ -340,6 +448,8 @@ impl Cpu {
             rabbit,
             busy,
             total,
+            own_switches,
+            rabbit_switches,
         }
     }
 
@@ -348,6 +458,7 @@ impl Cpu {
         let now = Self::now();
         // Linux clock ticks are 10 ms (USER_HZ = 100).
         let us = |ticks: u64| ticks as f64 * 10_000.0 / n as f64;
+        let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / n as f64;
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
         println!(
             "{:44} CPU per message: this process {:>5.1} us, RabbitMQ {:>5.1} us; machine busy {:.0} % of {cores} cores",
@@ -356,6 +467,12 @@ impl Cpu {
             us(now.rabbit.saturating_sub(self.rabbit)),
             100.0 * now.busy.saturating_sub(self.busy) as f64
                 / now.total.saturating_sub(self.total).max(1) as f64,
+        );
+        println!(
+            "{:44} context switches per message: this process {:.2}, RabbitMQ {:.2}",
+            "",
+            per(now.own_switches, self.own_switches),
+            per(now.rabbit_switches, self.rabbit_switches),
         );
     }
 }
@@ -512,10 +629,17 @@ async fn main() {
         h.cleanup().await;
         return;
     }
+    // BENCH_ONLY=minimal: only the minimal ingress (to profile beside it).
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("minimal") {
+        minimal_ingress(&h, n, concurrency).await;
+        h.cleanup().await;
+        return;
+    }
 
     // Warm up connections and the broker's queue.
     raw_lapin(&h, 2_000, concurrency).await;
     ingress(&h, 2_000, concurrency).await;
+    minimal_ingress(&h, 2_000, concurrency).await;
     purge(&h).await;
     println!("---");
 
@@ -524,6 +648,8 @@ async fn main() {
     let (ing_rate, ing_hist) = ingress(&h, n, concurrency).await;
     purge(&h).await;
     let (floor_rate, _) = http_floor(n, concurrency).await;
+    let (min_rate, _) = minimal_ingress(&h, n, concurrency).await;
+    purge(&h).await;
     // Added latency without queueing: one request at a time.
     let (_, raw_seq) = raw_lapin(&h, n / 10, 1).await;
     purge(&h).await;
@@ -532,36 +658,54 @@ async fn main() {
     let c1 = consumer(&h, n / 4, 1).await;
     let cd = consumer(&h, n, DEFAULT_PREFETCH).await;
     println!("---");
-    // The ratio moves by several points from one pair of runs to the next
-    // (RabbitMQ shares the two cores): more pairs, the order alternating,
-    // and the median of their ratios.
+    // The ratio moves by several points from one round of runs to the
+    // next (RabbitMQ shares the two cores): more rounds, the order
+    // rotating, and the median of their ratios. Each round also runs the
+    // minimal ingress (axum + lapin with none of Bruno's code), what any
+    // ingress on this stack reaches on these cores.
     let rounds = env_or("BENCH_RATIO_ROUNDS", 5);
     let mut ratios = vec![100.0 * ing_rate / raw_rate];
+    let mut minimal = vec![100.0 * min_rate / raw_rate];
+    let mut of_minimal = vec![100.0 * ing_rate / min_rate];
     for round in 1..rounds {
-        let (raw, ing) = if round % 2 == 1 {
-            let (ing, _) = ingress(&h, n, concurrency).await;
+        let mut rates = [0.0; 3];
+        for offset in 0..3 {
+            let i = (round + offset) % 3;
+            rates[i] = match i {
+                0 => raw_lapin(&h, n, concurrency).await.0,
+                1 => minimal_ingress(&h, n, concurrency).await.0,
+                _ => ingress(&h, n, concurrency).await.0,
+            };
             purge(&h).await;
-            let (raw, _) = raw_lapin(&h, n, concurrency).await;
-            (raw, ing)
-        } else {
-            let (raw, _) = raw_lapin(&h, n, concurrency).await;
-            purge(&h).await;
-            let (ing, _) = ingress(&h, n, concurrency).await;
-            (raw, ing)
-        };
-        purge(&h).await;
+        }
+        let [raw, min, ing] = rates;
         ratios.push(100.0 * ing / raw);
+        minimal.push(100.0 * min / raw);
+        of_minimal.push(100.0 * ing / min);
     }
-    println!("---");
-    println!(
-        "ingress / raw throughput at c={concurrency}: median of {} pairs {:.1} % (goal >= 75 %); pairs: {}",
-        ratios.len(),
-        bruno_system_tests::median(&ratios),
-        ratios
-            .iter()
+    let percents = |v: &[f64]| {
+        v.iter()
             .map(|r| format!("{r:.1} %"))
             .collect::<Vec<_>>()
             .join(", ")
+    };
+    let median = bruno_system_tests::median;
+    println!("---");
+    println!(
+        "ingress / raw throughput at c={concurrency}: median of {} rounds {:.1} % (goal >= 75 %); rounds: {}",
+        ratios.len(),
+        median(&ratios),
+        percents(&ratios)
+    );
+    println!(
+        "minimal ingress (axum + lapin, none of Bruno's code) / raw: median {:.1} %; rounds: {}",
+        median(&minimal),
+        percents(&minimal)
+    );
+    println!(
+        "ingress / minimal ingress: median {:.1} %; rounds: {}",
+        median(&of_minimal),
+        percents(&of_minimal)
     );
     // With the cores saturated, a request costs its HTTP and its publish:
     // at best 1 / (1 / http + 1 / raw) requests per second, whatever the
