@@ -461,7 +461,7 @@ async fn a_quorum_queue_from_before_adr_17_is_kept_and_replaced_only_when_empty(
     // Its bindings were declared anew with it: requests reach it.
     h.broker.publish(&search_request("fresh")).await.unwrap();
     assert_eq!(h.depth(&queue).await, 1);
-    let _ = conn.close(200, "".into()).await;
+    bruno_system_tests::close(&conn).await;
     h.cleanup().await;
 }
 

@@ -86,13 +86,20 @@ fn report(name: &str, n: usize, elapsed: Duration, hist: Option<&Histogram<u64>>
     rate
 }
 
+/// Empty the bench's queue; a purge that hangs stops the bench with a
+/// message instead of leaving it waiting.
 async fn purge(h: &Harness) {
-    let conn = h.raw().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_purge(h.queue(PART).as_str().into(), QueuePurgeOptions::default())
+    let purging = async {
+        let conn = h.raw().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_purge(h.queue(PART).as_str().into(), QueuePurgeOptions::default())
+            .await
+            .unwrap();
+        bruno_system_tests::close(&conn).await;
+    };
+    tokio::time::timeout(Duration::from_secs(60), purging)
         .await
-        .unwrap();
-    let _ = conn.close(200, "".into()).await;
+        .expect("purging the bench queue took over 60 s");
 }
 
 /// A connection of its own with as many confirm channels as the broker
@@ -187,7 +194,7 @@ async fn raw_lapin(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram
         Some(&hist),
     );
     cpu.report(n);
-    let _ = conn.close(200, "".into()).await;
+    bruno_system_tests::close(&conn).await;
     (rate, hist)
 }
 
@@ -320,7 +327,7 @@ async fn minimal_ingress(h: &Harness, n: usize, concurrency: usize) -> (f64, His
     )
     .await;
     stop.cancel();
-    let _ = conn.close(200, "".into()).await;
+    bruno_system_tests::close(&conn).await;
     out
 }
 

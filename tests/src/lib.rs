@@ -306,7 +306,7 @@ impl Harness {
             .await
             .unwrap();
         let n = q.message_count();
-        let _ = conn.close(200, "".into()).await;
+        close(&conn).await;
         n
     }
 
@@ -332,7 +332,7 @@ impl Harness {
                 None => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
-        let _ = conn.close(200, "".into()).await;
+        close(&conn).await;
         out
     }
 
@@ -371,8 +371,21 @@ impl Harness {
                 .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
         }
-        let _ = conn.close(200, "".into()).await;
+        close(&conn).await;
         self.cancel.cancel();
+    }
+}
+
+/// Close a raw connection, waiting at most five seconds. lapin's close can
+/// wait forever after a channel error (one backbone bench run hung so; the
+/// broker layer bounds its own close likewise); a close that gives up says so.
+pub async fn close(conn: &Connection) {
+    let closing = conn.close(200, "".into());
+    if tokio::time::timeout(Duration::from_secs(5), closing)
+        .await
+        .is_err()
+    {
+        eprintln!("a raw lapin connection did not close within 5 s; dropped instead");
     }
 }
 

@@ -40,7 +40,7 @@ async fn cleanup(prefix: &str) {
         .delete(&ch)
         .await
         .unwrap();
-    let _ = conn.close(200, "".into()).await;
+    bruno_system_tests::close(&conn).await;
 }
 
 #[test]
