@@ -211,7 +211,8 @@ async fn malformed_requests_get_4xx_and_publish_nothing() {
         }
     }
 
-    // An oversized body sent chunked (no Content-Length) is cut off by the layer too.
+    // An oversized body sent chunked (no Content-Length) is cut off at the
+    // limit too, with a problem that names the setting.
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         (0..100).map(|_| Ok(vec![b'z'; 1024])).collect();
     let r = client
@@ -225,6 +226,13 @@ async fn malformed_requests_get_4xx_and_publish_nothing() {
         .unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let problem: Value = r.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("ingress.max_body_bytes")),
+        "{problem}"
+    );
 
     // Nothing at all reached a queue.
     tokio::time::sleep(Duration::from_millis(300)).await;

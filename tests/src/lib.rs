@@ -343,7 +343,7 @@ impl Harness {
         config: IngressConfig,
     ) -> (SocketAddr, CancellationToken) {
         let state = Arc::new(Ingress::new(&config, broker, IngressMetrics::default()).unwrap());
-        let router = bruno_ingress::router(state, config.max_body_bytes);
+        let router = bruno_ingress::router(state);
         let stop = CancellationToken::new();
         let (addr, _task) =
             bruno_runtime::admin::serve("127.0.0.1:0".parse().unwrap(), router, stop.clone())

@@ -63,6 +63,16 @@ pub fn encode_traced(
     event: &Event,
     trace: Option<(String, Option<String>)>,
 ) -> Result<(BasicProperties, Vec<u8>), CodecError> {
+    encode_borrowed(event, trace).map(|(props, body)| (props, body.into_owned()))
+}
+
+/// [`encode_traced`] with the body borrowed from the event where its data
+/// is bytes or text already (the ingress's events: no copy of the body
+/// between the request and the publish).
+pub(crate) fn encode_borrowed(
+    event: &Event,
+    trace: Option<(String, Option<String>)>,
+) -> Result<(BasicProperties, std::borrow::Cow<'_, [u8]>), CodecError> {
     let mut headers = FieldTable::default();
     let mut put = |name: &str, value: &str| {
         headers.insert(
@@ -120,9 +130,7 @@ pub fn encode_traced(
     if let Some(time) = event.time() {
         props = props.with_timestamp(u64::try_from(time.timestamp()).unwrap_or(0));
     }
-    let body = data_bytes(event)
-        .map(|d| d.into_owned())
-        .unwrap_or_default();
+    let body = data_bytes(event).unwrap_or_default();
     Ok((props, body))
 }
 

@@ -376,16 +376,13 @@ impl Broker {
         let (props, bodies): (Vec<_>, Vec<_>) = events
             .iter()
             .zip(&spans)
-            .map(|(e, span)| codec::encode_traced(e, crate::trace::context_of(span)))
+            .map(|(e, span)| codec::encode_borrowed(e, crate::trace::context_of(span)))
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
         // The properties move into the publish (their header table is a
         // map: a clone per event showed in the ingress's profile).
-        let messages: Vec<_> = props
-            .into_iter()
-            .zip(bodies.iter().map(Vec::as_slice))
-            .collect();
+        let messages: Vec<_> = props.into_iter().zip(bodies.iter().map(|b| &**b)).collect();
         let result = self.publish_many(&exchange, "", messages).await;
         if result.is_err() {
             spans.iter().for_each(crate::trace::failed);

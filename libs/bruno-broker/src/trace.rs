@@ -41,7 +41,7 @@ pub fn publish_span(exchange: &str, event: &Event) -> Span {
         "cloudevents.event_type" = %event.ty(),
         "cloudevents.event_source" = %event.source(),
     );
-    if ext_str(event, ext::TRACEPARENT).is_some() {
+    if !span.is_disabled() && ext_str(event, ext::TRACEPARENT).is_some() {
         let cx = TraceContextPropagator::new().extract(&EventCarrier(event));
         let theirs = cx.span().span_context().trace_id();
         if cx.span().span_context().is_valid()
@@ -160,6 +160,9 @@ pub fn context_of(span: &Span) -> Option<(String, Option<String>)> {
         fn set(&mut self, key: &str, value: String) {
             self.0.push((key.to_owned(), value));
         }
+    }
+    if span.is_disabled() {
+        return None;
     }
     let cx = span.context();
     if !cx.span().span_context().is_valid() {

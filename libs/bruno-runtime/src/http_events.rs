@@ -1,6 +1,8 @@
 //! CloudEvents over HTTP: binary, structured and batch mode, with errors
 //! that name the attribute at fault.
 
+use std::borrow::Cow;
+
 use bruno_events::{AttributesWriter, Event};
 use http::{HeaderMap, StatusCode, header};
 use serde_json::{Map, Value};
@@ -23,16 +25,19 @@ pub enum Mode {
     Batch,
 }
 
-fn content_type(headers: &HeaderMap) -> Option<String> {
+/// The media type of the request (no parameters), lower-cased; borrowed
+/// from the header when it is lower-case already, as it nearly always is.
+fn content_type(headers: &HeaderMap) -> Option<Cow<'_, str>> {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
+            let essence = v.split(';').next().unwrap_or_default().trim();
+            if essence.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(essence.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(essence)
+            }
         })
 }
 
@@ -189,8 +194,9 @@ fn binary(headers: &HeaderMap, body: &[u8]) -> Result<Event, Problem> {
 }
 
 fn decode_header(attr: &str, raw: &[u8]) -> Result<String, Problem> {
-    let decoded: Vec<u8> = percent_encoding::percent_decode(raw).collect();
-    String::from_utf8(decoded)
+    percent_encoding::percent_decode(raw)
+        .decode_utf8()
+        .map(Cow::into_owned)
         .map_err(|_| Problem::invalid(attr, "is not UTF-8 after percent-decoding"))
 }
 

@@ -262,11 +262,11 @@ pub async fn http_span(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use tracing::Instrument;
-    let path = request.uri().path().to_owned();
+    let path = request.uri().path();
     if path == "/live" || path == "/ready" {
         return next.run(request).await;
     }
-    let method = request.method().clone();
+    let method = request.method();
     let span = tracing::info_span!(
         "http",
         otel.name = %format_args!("{method} {path}"),
@@ -276,13 +276,17 @@ pub async fn http_span(
         "url.path" = %path,
         "http.response.status_code" = tracing::field::Empty,
     );
-    bruno_broker::trace::adopt_headers(&span, |name| {
-        request
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    });
+    // With no subscriber (or tracing off) the span is disabled and there
+    // is no parent to adopt: skip the header lookups.
+    if !span.is_disabled() {
+        bruno_broker::trace::adopt_headers(&span, |name| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
+    }
     let response = next.run(request).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
     if response.status().is_server_error() {

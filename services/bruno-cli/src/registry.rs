@@ -215,7 +215,7 @@ static PARTS: &[PartEntry] = &[
             let ingress = Arc::new(Ingress::new(config, b.broker.clone(), metrics)?);
             Ok(Started::Http {
                 listen: ("ingress.listen", config.listen),
-                router: bruno_ingress::router(ingress, config.max_body_bytes),
+                router: bruno_ingress::router(ingress),
                 after: None,
             })
         },

@@ -25,7 +25,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
-use tower_http::limit::RequestBodyLimitLayer;
 
 /// Ingress settings (`[ingress]` in the config file, `BRUNO_INGRESS__*`).
 #[derive(Debug, Clone, Deserialize)]
@@ -116,6 +115,7 @@ pub struct Ingress {
     broker: Broker,
     keys: ApiKeys,
     limits: Limits,
+    max_body_bytes: usize,
     retry_after: u32,
     metrics: IngressMetrics,
 }
@@ -139,6 +139,7 @@ impl Ingress {
                 max_data_bytes: config.max_data_bytes,
                 ..Limits::default()
             },
+            max_body_bytes: config.max_body_bytes,
             retry_after: config.retry_after_secs,
             metrics,
         })
@@ -149,8 +150,11 @@ impl Ingress {
     }
 }
 
-/// The ingress router, with the body limit enforced by a layer.
-pub fn router(state: Arc<Ingress>, max_body_bytes: usize) -> Router {
+/// The ingress router. Its one layer is the request span; the handlers
+/// read the body themselves, within `max_body_bytes`, so one function
+/// gives every 413 its problem+json body (no limit layer whose bare 413
+/// another layer has to rewrite).
+pub fn router(state: Arc<Ingress>) -> Router {
     Router::new()
         .route("/", post(ingest))
         .route("/dead-letters/{part}", post(dead_letter))
@@ -159,24 +163,33 @@ pub fn router(state: Arc<Ingress>, max_body_bytes: usize) -> Router {
         .route("/live", get(|| async { "live" }))
         .route("/ready", get(ready))
         .with_state(state)
-        .layer(RequestBodyLimitLayer::new(max_body_bytes))
-        .layer(axum::middleware::map_response(problem_for_bare_413))
         .layer(axum::middleware::from_fn(
             bruno_runtime::telemetry::http_span,
         ))
 }
 
-/// The limit layer answers 413 with a plain body when Content-Length is too
-/// big; give it the same problem+json body as every other error.
-async fn problem_for_bare_413(response: Response) -> Response {
-    let is_problem = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_problem {
-        return too_large().into_response();
+/// The request body, at most `max` bytes: a Content-Length above it is
+/// refused before anything is read, a longer chunked body once it passes
+/// the limit; both with the same problem+json 413.
+async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, Problem> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large(max));
     }
-    response
+    axum::body::to_bytes(body, max).await.map_err(|e| {
+        if is_length_limit(&e) {
+            too_large(max)
+        } else {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "bad-body",
+                format!("cannot read body: {e}"),
+            )
+        }
+    })
 }
 
 fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -190,11 +203,11 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn too_large() -> Problem {
+fn too_large(max: usize) -> Problem {
     Problem::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "too-large",
-        "request body exceeds the ingress limit",
+        format!("body over {max} bytes (ingress.max_body_bytes)"),
     )
 }
 
@@ -220,21 +233,11 @@ async fn ingest(State(state): State<Arc<Ingress>>, request: Request) -> Response
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
-    let body: Bytes = match axum::body::to_bytes(Body::new(body), usize::MAX).await {
+    let body = match read_body(&parts.headers, body, state.max_body_bytes).await {
         Ok(b) => b,
-        Err(e) => {
-            let too_big = is_length_limit(&e);
+        Err(p) => {
             state.metrics.outcome("rejected");
-            return if too_big {
-                too_large().into_response()
-            } else {
-                Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad-body",
-                    format!("cannot read body: {e}"),
-                )
-                .into_response()
-            };
+            return p.into_response();
         }
     };
     let (mode, events) = match parse(&parts.headers, &body) {
@@ -337,9 +340,10 @@ fn knative_failure(event: &bruno_events::Event) -> (bruno_runtime::ErrorCode, St
 async fn dead_letter(
     State(state): State<Arc<Ingress>>,
     Path(part): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    request: Request,
 ) -> Response {
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     if !state.authorized(&headers) {
         state.metrics.outcome("unauthorized");
         return Problem::new(
@@ -357,6 +361,10 @@ async fn dead_letter(
         )
         .into_response();
     }
+    let body = match read_body(&headers, body, state.max_body_bytes).await {
+        Ok(b) => b,
+        Err(p) => return p.into_response(),
+    };
     let event = match parse(&headers, &body) {
         Ok((Mode::Batch, _)) => {
             return Problem::invalid("body", "one dead letter per request").into_response();
