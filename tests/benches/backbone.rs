@@ -117,6 +117,17 @@ async fn confirm_channels(h: &Harness) -> (lapin::Connection, Vec<lapin::Channel
     (conn, channels)
 }
 
+/// Close `channels`, then their connection. Closing the connection while
+/// its channels are still being closed (dropped with the minimal
+/// ingress's router) made lapin log a channel-state error and its close
+/// never return; one at a time, each waits for the broker's close-ok.
+async fn close_all(conn: lapin::Connection, channels: Vec<lapin::Channel>) {
+    for ch in channels {
+        let _ = tokio::time::timeout(Duration::from_secs(5), ch.close(200, "".into())).await;
+    }
+    bruno_system_tests::close(&conn).await;
+}
+
 /// Publish `body` (mandatory) and wait for its confirm, which must be an ack.
 async fn publish_confirmed(
     ch: &lapin::Channel,
@@ -194,7 +205,7 @@ async fn raw_lapin(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram
         Some(&hist),
     );
     cpu.report(n);
-    bruno_system_tests::close(&conn).await;
+    close_all(conn, channels).await;
     (rate, hist)
 }
 
@@ -305,7 +316,7 @@ async fn minimal_ingress(h: &Harness, n: usize, concurrency: usize) -> (f64, His
     let (conn, channels) = confirm_channels(h).await;
     let (props, _) = bruno_broker::codec::encode(&event_1k()).unwrap();
     let publisher = Arc::new(Publisher {
-        channels,
+        channels: channels.clone(),
         next: Default::default(),
         props,
         exchange: h.topology.names.exchange(),
@@ -315,7 +326,7 @@ async fn minimal_ingress(h: &Harness, n: usize, concurrency: usize) -> (f64, His
         .with_state(publisher);
     let stop = CancellationToken::new();
     // Served as the ingress is (TCP_NODELAY on every connection).
-    let (addr, _task) =
+    let (addr, server) =
         bruno_runtime::admin::serve("127.0.0.1:0".parse().unwrap(), app, stop.clone())
             .await
             .unwrap();
@@ -327,7 +338,10 @@ async fn minimal_ingress(h: &Harness, n: usize, concurrency: usize) -> (f64, His
     )
     .await;
     stop.cancel();
-    bruno_system_tests::close(&conn).await;
+    // The server gone (its router, holding the channels, dropped) before
+    // anything is closed.
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    close_all(conn, channels).await;
     out
 }
 
