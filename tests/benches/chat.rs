@@ -17,7 +17,10 @@
 //! Then the goal's baseline: 1-session turns through a fresh fleet against
 //! the same work in one process (the fleet's own handlers called with no
 //! broker, each turn's memory written in the background as the fleet does),
-//! on fresh copies of the store, in rotating rounds.
+//! and against a minimal fleet: the same handlers behind raw lapin on the
+//! same kinds of queues, with none of Bruno's broker layer and no HTTP (what
+//! lapin and RabbitMQ alone add to a turn); on fresh copies of the store, in
+//! rotating rounds.
 //!
 //! Last, the cost of tracing: 1-session turns through a fresh fleet with no
 //! subscriber, with the binary's default subscriber (spans, no export) and
@@ -571,6 +574,71 @@ async fn handlers_turn(
     (own, completed)
 }
 
+/// The fleet's own handlers, as the fleet configures them, over the store
+/// in `dir` with the LLM at `url`: what [`same_work_in_process`] calls
+/// directly and [`minimal_fleet`] behind raw lapin.
+struct Work {
+    model: Arc<bruno_embed::AnyEmbedder>,
+    store: Store,
+    retriever: Arc<bruno_retriever::Retriever>,
+    generator: Arc<bruno_generator::Generator>,
+    embedder: Arc<bruno_embedder::EmbedderService>,
+    writer: Arc<bruno_writer::Writer>,
+    /// Conversation rows before the first turn.
+    rows_before: usize,
+}
+
+impl Work {
+    async fn new(dir: &std::path::Path, url: &str) -> Self {
+        let config = fleet_config(&Config::default().broker, dir, url);
+        let embedder_config = config.embedder.clone();
+        let model = tokio::task::spawn_blocking(move || {
+            bruno_embed::AnyEmbedder::from_config(&embedder_config)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let model = Arc::new(model);
+        let store = Store::open(config.store.clone()).await.unwrap();
+        let retriever = Arc::new(bruno_retriever::Retriever::new(
+            model.clone(),
+            store.clone(),
+            config.retriever.clone(),
+            Default::default(),
+        ));
+        let generator = Arc::new(bruno_generator::Generator::new(
+            config.generator.clone(),
+            Default::default(),
+        ));
+        let embedder = Arc::new(bruno_embedder::EmbedderService::new(
+            model.clone(),
+            Some(store.clone()),
+            config.chunking.clone(),
+            Default::default(),
+        ));
+        let writer = Arc::new(bruno_writer::Writer::new(
+            store.clone(),
+            &config.writer,
+            Default::default(),
+        ));
+        let rows_before = remembered(&store, &model).await;
+        Self {
+            model,
+            store,
+            retriever,
+            generator,
+            embedder,
+            writer,
+            rows_before,
+        }
+    }
+
+    /// Conversation rows written since [`Work::new`].
+    async fn remembered(&self) -> usize {
+        remembered(&self.store, &self.model).await - self.rows_before
+    }
+}
+
 /// The same work as the fleet's turns, in one process: the fleet's own
 /// handlers, as the fleet configures them, called one after the other with
 /// no broker (the retriever, then the generator: the turn's answer), and
@@ -584,41 +652,13 @@ async fn same_work_in_process(
     warmup: usize,
     n: usize,
 ) -> Histogram<u64> {
-    use bruno_embedder::{EmbedderInput, EmbedderService};
+    use bruno_embedder::EmbedderInput;
     use bruno_runtime::{FromEvent, Handler, Incoming};
-    use bruno_writer::{Writer, WriterInput};
-    let config = fleet_config(&Config::default().broker, dir, url);
-    let embedder_config = config.embedder.clone();
-    let model = tokio::task::spawn_blocking(move || {
-        bruno_embed::AnyEmbedder::from_config(&embedder_config)
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let model = Arc::new(model);
-    let store = Store::open(config.store.clone()).await.unwrap();
-    let retriever = bruno_retriever::Retriever::new(
-        model.clone(),
-        store.clone(),
-        config.retriever.clone(),
-        Default::default(),
-    );
-    let generator = bruno_generator::Generator::new(config.generator.clone(), Default::default());
-    let embedder = Arc::new(EmbedderService::new(
-        model.clone(),
-        Some(store.clone()),
-        config.chunking.clone(),
-        Default::default(),
-    ));
-    let writer = Arc::new(Writer::new(
-        store.clone(),
-        &config.writer,
-        Default::default(),
-    ));
-    let rows_before = remembered(&store, &model).await;
+    use bruno_writer::WriterInput;
+    let work = Work::new(dir, url).await;
     let (embedder_ctx, writer_ctx) = (no_broker("embedder"), no_broker("writer"));
     let contexts = no_broker_contexts();
-    writer.start(&writer_ctx).await;
+    work.writer.start(&writer_ctx).await;
     let (mut hist, mut retriever_own) = (
         Histogram::<u64>::new(3).unwrap(),
         Histogram::<u64>::new(3).unwrap(),
@@ -627,12 +667,12 @@ async fn same_work_in_process(
     for t in 0..warmup + n {
         let started = Instant::now();
         let q = format!("how do I restore backup {t}?");
-        let (own, completed) = handlers_turn(&retriever, &generator, &contexts, &q).await;
+        let (own, completed) = handlers_turn(&work.retriever, &work.generator, &contexts, &q).await;
         if t >= warmup {
             hist.record(started.elapsed().as_micros() as u64).unwrap();
             retriever_own.record(own.as_micros() as u64).unwrap();
         }
-        let (embedder, writer) = (embedder.clone(), writer.clone());
+        let (embedder, writer) = (work.embedder.clone(), work.writer.clone());
         let (embedder_ctx, writer_ctx) = (embedder_ctx.clone(), writer_ctx.clone());
         memory.spawn(async move {
             let data = EmbedderInput::from_event(&completed).unwrap();
@@ -669,14 +709,11 @@ async fn same_work_in_process(
     while let Some(done) = memory.join_next().await {
         done.unwrap();
     }
-    let rows = remembered(&store, &model).await - rows_before;
     assert_eq!(
-        rows,
+        work.remembered().await,
         2 * (warmup + n),
         "every turn remembered: a question and an answer each"
     );
-    // The writer's batcher ends once its handler (the sender) is gone.
-    drop(writer);
     println!(
         "  same work in one process: turn p50 {:.2} ms p99 {:.2} ms, of which the retriever's handler p50 {:.2} ms p99 {:.2} ms",
         ms(&hist, 0.5),
@@ -685,6 +722,310 @@ async fn same_work_in_process(
         ms(&retriever_own, 0.99),
     );
     hist
+}
+
+/// The same work over the least transport lapin and RabbitMQ allow: the
+/// fleet's own handlers (as [`same_work_in_process`] has them), each
+/// consuming its own queue on one raw lapin connection (the fleet's process
+/// shares one too), every output published persistent with its confirm
+/// awaited before the input is acked, events as CloudEvents JSON; the
+/// retriever's and the generator's queues classic, the embedder's and the
+/// writer's quorum (ADR 17), `chat.completed` fanned out to the embedder
+/// and to an exclusive reply queue. None of Bruno's broker layer (codec,
+/// topology, retries, spans, metrics) and no HTTP in front of the turn:
+/// what lapin and RabbitMQ alone add to it. Closed loop, one session:
+/// `warmup` turns, then `n` timed.
+async fn minimal_fleet(
+    dir: &std::path::Path,
+    url: &str,
+    warmup: usize,
+    n: usize,
+) -> Histogram<u64> {
+    use bruno_events::AttributesReader;
+    use bruno_events::EventData;
+    use bruno_events::payload::{ChatCompleted, ChatContextualized, ChatRequested, MemoryWrite};
+    use bruno_runtime::Handler;
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+        QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable};
+    let work = Work::new(dir, url).await;
+    let conn = lapin::Connection::connect(
+        &bruno_system_tests::amqp_url(&bruno_system_tests::amqp_addr()),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let prefix = format!("minimal-fleet-{}", uuid::Uuid::new_v4().simple());
+    let name = |part: &str| format!("{prefix}.{part}");
+    let (retriever_q, generator_q, embedder_q, writer_q, reply_q, completed_x) = (
+        name("retriever"),
+        name("generator"),
+        name("embedder"),
+        name("writer"),
+        name("reply"),
+        name("completed"),
+    );
+    let setup = conn.create_channel().await.unwrap();
+    for (queue, kind) in [
+        (&retriever_q, "classic"),
+        (&generator_q, "classic"),
+        (&embedder_q, "quorum"),
+        (&writer_q, "quorum"),
+    ] {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        setup
+            .queue_declare(queue.as_str().into(), options, args)
+            .await
+            .unwrap();
+    }
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    setup
+        .queue_declare(reply_q.as_str().into(), options, FieldTable::default())
+        .await
+        .unwrap();
+    setup
+        .exchange_declare(
+            completed_x.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for queue in [&embedder_q, &reply_q] {
+        setup
+            .queue_bind(
+                queue.as_str().into(),
+                completed_x.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+    // Where each part's outputs go: (exchange, routing key) by type.
+    let route: Route = {
+        let (generator_q, writer_q, completed_x) =
+            (generator_q.clone(), writer_q.clone(), completed_x.clone());
+        Arc::new(move |ty: &str| match ty {
+            ChatContextualized::TYPE => (String::new(), generator_q.clone()),
+            ChatCompleted::TYPE => (completed_x.clone(), String::new()),
+            MemoryWrite::TYPE => (String::new(), writer_q.clone()),
+            other => panic!("minimal fleet: no route for {other}"),
+        })
+    };
+    let consumers = Config::default().consumers;
+    work.writer.start(&no_broker("writer")).await;
+    minimal_part(
+        &conn,
+        &retriever_q,
+        consumers.retriever,
+        work.retriever.clone(),
+        "retriever",
+        &route,
+    )
+    .await;
+    minimal_part(
+        &conn,
+        &generator_q,
+        consumers.generator,
+        work.generator.clone(),
+        "generator",
+        &route,
+    )
+    .await;
+    minimal_part(
+        &conn,
+        &embedder_q,
+        consumers.embedder,
+        work.embedder.clone(),
+        "embedder",
+        &route,
+    )
+    .await;
+    let writer_prefetch = fleet_config(&Config::default().broker, dir, url)
+        .writer
+        .concurrency;
+    minimal_part(
+        &conn,
+        &writer_q,
+        writer_prefetch,
+        work.writer.clone(),
+        "writer",
+        &route,
+    )
+    .await;
+    // The caller: publish the question, await its answer on the reply queue.
+    let caller = conn.create_channel().await.unwrap();
+    caller
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut replies = caller
+        .basic_consume(
+            reply_q.as_str().into(),
+            "caller".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut hist = Histogram::<u64>::new(3).unwrap();
+    for t in 0..warmup + n {
+        let started = Instant::now();
+        let request = ChatRequested {
+            session_id: "bench-0-false".into(),
+            message: format!("how do I restore backup {t}?"),
+            options: Default::default(),
+        };
+        let event = bruno_events::new_event("bench", &request);
+        let confirm = caller
+            .basic_publish(
+                "".into(),
+                retriever_q.as_str().into(),
+                BasicPublishOptions::default(),
+                &serde_json::to_vec(&event).unwrap(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        let (confirm, reply) = tokio::join!(confirm, replies.next());
+        assert!(confirm.unwrap().is_ack());
+        let reply: bruno_events::Event =
+            serde_json::from_slice(&reply.unwrap().unwrap().data).unwrap();
+        assert_eq!(reply.ty(), ChatCompleted::TYPE);
+        if t >= warmup {
+            hist.record(started.elapsed().as_micros() as u64).unwrap();
+        }
+    }
+    // Every turn remembered before the queues go.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while work.remembered().await < 2 * (warmup + n) {
+        assert!(
+            Instant::now() < deadline,
+            "minimal fleet: {} of {} conversation rows after 60 s",
+            work.remembered().await,
+            2 * (warmup + n)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for queue in [&retriever_q, &generator_q, &embedder_q, &writer_q] {
+        setup
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    setup
+        .exchange_delete(completed_x.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    bruno_system_tests::close(&conn).await;
+    println!(
+        "  minimal fleet (the same handlers behind raw lapin): turn p50 {:.2} ms p99 {:.2} ms",
+        ms(&hist, 0.5),
+        ms(&hist, 0.99),
+    );
+    hist
+}
+
+/// Where a minimal fleet's part publishes an event of a type: (exchange,
+/// routing key).
+type Route = Arc<dyn Fn(&str) -> (String, String) + Send + Sync>;
+
+/// One part of [`minimal_fleet`]: consume `queue` with a prefetch of
+/// `prefetch`, handle each delivery in its own task, publish its outputs
+/// where `route` says (persistent, a confirm awaited each), then ack. Ends
+/// when the connection closes.
+async fn minimal_part<H: bruno_runtime::Handler>(
+    conn: &lapin::Connection,
+    queue: &str,
+    prefetch: u16,
+    handler: Arc<H>,
+    part: &str,
+    route: &Route,
+) {
+    use bruno_events::AttributesReader;
+    use bruno_runtime::{FromEvent, Incoming};
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions,
+    };
+    let consume = conn.create_channel().await.unwrap();
+    consume
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let publish = conn.create_channel().await.unwrap();
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut deliveries = consume
+        .basic_consume(
+            queue.into(),
+            part.into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let ctx = no_broker(part);
+    let route = route.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = deliveries.next().await {
+            let (handler, ctx, publish, route) =
+                (handler.clone(), ctx.clone(), publish.clone(), route.clone());
+            tokio::spawn(async move {
+                let event: bruno_events::Event = serde_json::from_slice(&delivery.data).unwrap();
+                let data = FromEvent::from_event(&event).unwrap();
+                let outputs = handler
+                    .handle(
+                        Incoming {
+                            event,
+                            data,
+                            attempts: 0,
+                        },
+                        &ctx,
+                    )
+                    .await
+                    .unwrap();
+                for output in outputs {
+                    let (exchange, key) = route(output.ty());
+                    let confirm = publish
+                        .basic_publish(
+                            exchange.as_str().into(),
+                            key.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &serde_json::to_vec(&output).unwrap(),
+                            lapin::BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                    assert!(confirm.is_ack());
+                }
+                delivery.ack(BasicAckOptions::default()).await.unwrap();
+            });
+        }
+    });
 }
 
 /// Rows in the conversations table of `model` (0 before it exists).
@@ -706,15 +1047,16 @@ async fn same_work_cost(dir: &std::path::Path, url: &str, n: usize) {
     if rounds == 0 {
         return;
     }
-    let (mut p50s, mut p99s) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
+    const WAYS: usize = 3;
+    let (mut p50s, mut p99s) = (vec![Vec::new(); WAYS], vec![Vec::new(); WAYS]);
     for round in 0..rounds {
-        for offset in 0..2 {
-            let i = (round + offset) % 2;
+        for offset in 0..WAYS {
+            let i = (round + offset) % WAYS;
             let fresh = copy_of(dir);
-            let hist = if i == 0 {
-                on_fleet(fresh.path(), url, |gateway| turns(gateway, 1, n)).await
-            } else {
-                same_work_in_process(fresh.path(), url, 30, n).await
+            let hist = match i {
+                0 => on_fleet(fresh.path(), url, |gateway| turns(gateway, 1, n)).await,
+                1 => same_work_in_process(fresh.path(), url, 30, n).await,
+                _ => minimal_fleet(fresh.path(), url, 30, n).await,
             };
             p50s[i].push(ms(&hist, 0.5));
             p99s[i].push(ms(&hist, 0.99));
@@ -722,6 +1064,7 @@ async fn same_work_cost(dir: &std::path::Path, url: &str, n: usize) {
     }
     let (fleet50, fleet99) = (median(&p50s[0]), median(&p99s[0]));
     let (one50, one99) = (median(&p50s[1]), median(&p99s[1]));
+    let (min50, min99) = (median(&p50s[2]), median(&p99s[2]));
     let rounds_of = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.2}"))
@@ -729,11 +1072,13 @@ async fn same_work_cost(dir: &std::path::Path, url: &str, n: usize) {
             .join(" / ")
     };
     println!(
-        "rounds, p50 (p99) ms: through the fleet {} ({}); the same work in one process {} ({})",
+        "rounds, p50 (p99) ms: through the fleet {} ({}); the same work in one process {} ({}); the minimal fleet {} ({})",
         rounds_of(&p50s[0]),
         rounds_of(&p99s[0]),
         rounds_of(&p50s[1]),
         rounds_of(&p99s[1]),
+        rounds_of(&p50s[2]),
+        rounds_of(&p99s[2]),
     );
     println!(
         "same work in one process (the fleet's handlers, no broker, each turn's memory written in the background), 1 session, {n} turns, medians of {rounds} rounds: p50 {one50:.2} ms p99 {one99:.2} ms"
@@ -742,6 +1087,13 @@ async fn same_work_cost(dir: &std::path::Path, url: &str, n: usize) {
         "1-session turn through the fleet vs the same work in one process: p50 {fleet50:.2} / {one50:.2} ms = {:.2}x (goal <= 1.25x), p99 {fleet99:.2} / {one99:.2} ms = {:.2}x (goal <= 1.5x)",
         fleet50 / one50,
         fleet99 / one99,
+    );
+    println!(
+        "the minimal fleet (the same handlers behind raw lapin, no HTTP) vs the same work in one process: p50 {min50:.2} / {one50:.2} ms = {:.2}x, p99 {min99:.2} / {one99:.2} ms = {:.2}x; the fleet vs the minimal fleet: p50 {:.2}x, p99 {:.2}x",
+        min50 / one50,
+        min99 / one99,
+        fleet50 / min50,
+        fleet99 / min99,
     );
 }
 
