@@ -117,17 +117,6 @@ async fn confirm_channels(h: &Harness) -> (lapin::Connection, Vec<lapin::Channel
     (conn, channels)
 }
 
-/// Close `channels`, then their connection. Closing the connection while
-/// its channels are still being closed (dropped with the minimal
-/// ingress's router) made lapin log a channel-state error and its close
-/// never return; one at a time, each waits for the broker's close-ok.
-async fn close_all(conn: lapin::Connection, channels: Vec<lapin::Channel>) {
-    for ch in channels {
-        let _ = tokio::time::timeout(Duration::from_secs(5), ch.close(200, "".into())).await;
-    }
-    bruno_system_tests::close(&conn).await;
-}
-
 /// Publish `body` (mandatory) and wait for its confirm, which must be an ack.
 async fn publish_confirmed(
     ch: &lapin::Channel,
@@ -205,7 +194,7 @@ async fn raw_lapin(h: &Harness, n: usize, concurrency: usize) -> (f64, Histogram
         Some(&hist),
     );
     cpu.report(n);
-    close_all(conn, channels).await;
+    bruno_system_tests::close_all(conn, channels).await;
     (rate, hist)
 }
 
@@ -341,7 +330,7 @@ async fn minimal_ingress(h: &Harness, n: usize, concurrency: usize) -> (f64, His
     // The server gone (its router, holding the channels, dropped) before
     // anything is closed.
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
-    close_all(conn, channels).await;
+    bruno_system_tests::close_all(conn, channels).await;
     out
 }
 

@@ -17,9 +17,10 @@
 //! Then the goal's baseline: 1-session turns through a fresh fleet against
 //! the same work in one process (the fleet's own handlers called with no
 //! broker, each turn's memory written in the background as the fleet does),
-//! and against a minimal fleet: the same handlers behind raw lapin on the
-//! same kinds of queues, with none of Bruno's broker layer and no HTTP (what
-//! lapin and RabbitMQ alone add to a turn); on fresh copies of the store, in
+//! against a minimal fleet: the same handlers behind raw lapin on the same
+//! kinds of queues, with none of Bruno's broker layer and no HTTP (what
+//! lapin and RabbitMQ alone add to a turn); and against the fleet on the
+//! embedded broker (`bruno dev`'s); on fresh copies of the store, in
 //! rotating rounds.
 //!
 //! Last, the cost of tracing: 1-session turns through a fresh fleet with no
@@ -29,8 +30,8 @@
 //! Run: `cargo bench -p bruno-system-tests --bench chat` (BENCH_TURNS,
 //! BENCH_PACE_MS, BENCH_PACED_TURNS, BENCH_SAME_TURNS, BENCH_SAME_ROUNDS,
 //! BENCH_TRACE_TURNS, BENCH_TRACE_ROUNDS). `BENCH_ONLY=floor` runs only the
-//! 1-session turns, the stages alone and the same-work comparison (about a
-//! minute, for before/after runs).
+//! 1-session turns, the stages alone and the same-work comparison (a few
+//! minutes, for before/after runs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[global_allocator]
@@ -46,7 +47,7 @@ use bruno_cli::{Config, run_parts};
 use bruno_embed::EmbedderInfo;
 use bruno_generator::LlmConfig;
 use bruno_store::{ChunkRow, DocumentWrite, Store, StoreConfig};
-use bruno_system_tests::Harness;
+use bruno_system_tests::{BrokerKind, Harness};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -829,45 +830,54 @@ async fn minimal_fleet(
     };
     let consumers = Config::default().consumers;
     work.writer.start(&no_broker("writer")).await;
-    minimal_part(
-        &conn,
-        &retriever_q,
-        consumers.retriever,
-        work.retriever.clone(),
-        "retriever",
-        &route,
-    )
-    .await;
-    minimal_part(
-        &conn,
-        &generator_q,
-        consumers.generator,
-        work.generator.clone(),
-        "generator",
-        &route,
-    )
-    .await;
-    minimal_part(
-        &conn,
-        &embedder_q,
-        consumers.embedder,
-        work.embedder.clone(),
-        "embedder",
-        &route,
-    )
-    .await;
+    let mut channels = Vec::new();
+    channels.extend(
+        minimal_part(
+            &conn,
+            &retriever_q,
+            consumers.retriever,
+            work.retriever.clone(),
+            "retriever",
+            &route,
+        )
+        .await,
+    );
+    channels.extend(
+        minimal_part(
+            &conn,
+            &generator_q,
+            consumers.generator,
+            work.generator.clone(),
+            "generator",
+            &route,
+        )
+        .await,
+    );
+    channels.extend(
+        minimal_part(
+            &conn,
+            &embedder_q,
+            consumers.embedder,
+            work.embedder.clone(),
+            "embedder",
+            &route,
+        )
+        .await,
+    );
     let writer_prefetch = fleet_config(&Config::default().broker, dir, url)
         .writer
         .concurrency;
-    minimal_part(
-        &conn,
-        &writer_q,
-        writer_prefetch,
-        work.writer.clone(),
-        "writer",
-        &route,
-    )
-    .await;
+    channels.extend(
+        minimal_part(
+            &conn,
+            &writer_q,
+            writer_prefetch,
+            work.writer.clone(),
+            "writer",
+            &route,
+        )
+        .await,
+    );
     // The caller: publish the question, await its answer on the reply queue.
     let caller = conn.create_channel().await.unwrap();
     caller
@@ -935,7 +945,8 @@ async fn minimal_fleet(
         .exchange_delete(completed_x.as_str().into(), Default::default())
         .await
         .unwrap();
-    bruno_system_tests::close(&conn).await;
+    channels.extend([caller, setup]);
+    bruno_system_tests::close_all(conn, channels).await;
     println!(
         "  minimal fleet (the same handlers behind raw lapin): turn p50 {:.2} ms p99 {:.2} ms",
         ms(&hist, 0.5),
@@ -951,7 +962,7 @@ type Route = Arc<dyn Fn(&str) -> (String, String) + Send + Sync>;
 /// One part of [`minimal_fleet`]: consume `queue` with a prefetch of
 /// `prefetch`, handle each delivery in its own task, publish its outputs
 /// where `route` says (persistent, a confirm awaited each), then ack. Ends
-/// when the connection closes.
+/// when its consuming channel (the first returned) closes.
 async fn minimal_part<H: bruno_runtime::Handler>(
     conn: &lapin::Connection,
     queue: &str,
@@ -959,7 +970,7 @@ async fn minimal_part<H: bruno_runtime::Handler>(
     handler: Arc<H>,
     part: &str,
     route: &Route,
-) {
+) -> [lapin::Channel; 2] {
     use bruno_events::AttributesReader;
     use bruno_runtime::{FromEvent, Incoming};
     use futures_util::StreamExt;
@@ -987,7 +998,7 @@ async fn minimal_part<H: bruno_runtime::Handler>(
         .await
         .unwrap();
     let ctx = no_broker(part);
-    let route = route.clone();
+    let (route, channels) = (route.clone(), [consume.clone(), publish.clone()]);
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = deliveries.next().await {
             let (handler, ctx, publish, route) =
@@ -1026,6 +1037,7 @@ async fn minimal_part<H: bruno_runtime::Handler>(
             });
         }
     });
+    channels
 }
 
 /// Rows in the conversations table of `model` (0 before it exists).
@@ -1038,8 +1050,9 @@ async fn remembered(store: &Store, model: &bruno_embed::AnyEmbedder) -> usize {
 }
 
 /// 1-session closed-loop turns through a fresh fleet on RabbitMQ against
-/// the same work in one process ([`same_work_in_process`]), each on a
-/// fresh copy of the store in `dir` after 30 warm-up turns, the order
+/// the same work in one process ([`same_work_in_process`]), the minimal
+/// fleet ([`minimal_fleet`]) and a fresh fleet on the embedded broker, each
+/// on a fresh copy of the store in `dir` after 30 warm-up turns, the order
 /// rotating over `BENCH_SAME_ROUNDS` rounds; medians of the rounds.
 async fn same_work_cost(dir: &std::path::Path, url: &str, n: usize) {
     use bruno_system_tests::median;
@@ -1047,24 +1060,28 @@ async fn same_work_cost(dir: &std::path::Path, url: &str, n: usize) {
     if rounds == 0 {
         return;
     }
-    const WAYS: usize = 3;
-    let (mut p50s, mut p99s) = (vec![Vec::new(); WAYS], vec![Vec::new(); WAYS]);
+    const WAYS: [&str; 4] = [
+        "through the fleet on RabbitMQ",
+        "the same work in one process",
+        "the minimal fleet (the same handlers behind raw lapin on RabbitMQ, no HTTP)",
+        "through the fleet on the embedded broker",
+    ];
+    let (mut p50s, mut p99s) = (vec![Vec::new(); WAYS.len()], vec![Vec::new(); WAYS.len()]);
     for round in 0..rounds {
-        for offset in 0..WAYS {
-            let i = (round + offset) % WAYS;
+        for offset in 0..WAYS.len() {
+            let i = (round + offset) % WAYS.len();
             let fresh = copy_of(dir);
+            let on = |kind| on_fleet(kind, fresh.path(), url, |gateway| turns(gateway, 1, n));
             let hist = match i {
-                0 => on_fleet(fresh.path(), url, |gateway| turns(gateway, 1, n)).await,
+                0 => on(BrokerKind::RabbitMq).await,
                 1 => same_work_in_process(fresh.path(), url, 30, n).await,
-                _ => minimal_fleet(fresh.path(), url, 30, n).await,
+                2 => minimal_fleet(fresh.path(), url, 30, n).await,
+                _ => on(BrokerKind::Embedded).await,
             };
             p50s[i].push(ms(&hist, 0.5));
             p99s[i].push(ms(&hist, 0.99));
         }
     }
-    let (fleet50, fleet99) = (median(&p50s[0]), median(&p99s[0]));
-    let (one50, one99) = (median(&p50s[1]), median(&p99s[1]));
-    let (min50, min99) = (median(&p50s[2]), median(&p99s[2]));
     let rounds_of = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.2}"))
@@ -1072,24 +1089,28 @@ async fn same_work_cost(dir: &std::path::Path, url: &str, n: usize) {
             .join(" / ")
     };
     println!(
-        "rounds, p50 (p99) ms: through the fleet {} ({}); the same work in one process {} ({}); the minimal fleet {} ({})",
-        rounds_of(&p50s[0]),
-        rounds_of(&p99s[0]),
-        rounds_of(&p50s[1]),
-        rounds_of(&p99s[1]),
-        rounds_of(&p50s[2]),
-        rounds_of(&p99s[2]),
+        "1 session, {n} turns after 30 warm-up, {rounds} rounds of rotating order, each on a fresh store copy:"
     );
-    println!(
-        "same work in one process (the fleet's handlers, no broker, each turn's memory written in the background), 1 session, {n} turns, medians of {rounds} rounds: p50 {one50:.2} ms p99 {one99:.2} ms"
-    );
+    let (one50, one99) = (median(&p50s[1]), median(&p99s[1]));
+    for (i, way) in WAYS.iter().enumerate() {
+        let (p50, p99) = (median(&p50s[i]), median(&p99s[i]));
+        println!(
+            "  {way}: median p50 {p50:.2} ms ({:.2}x one process), p99 {p99:.2} ms ({:.2}x); rounds p50 {} (p99 {})",
+            p50 / one50,
+            p99 / one99,
+            rounds_of(&p50s[i]),
+            rounds_of(&p99s[i]),
+        );
+    }
+    let (fleet50, fleet99) = (median(&p50s[0]), median(&p99s[0]));
+    let (min50, min99) = (median(&p50s[2]), median(&p99s[2]));
     println!(
         "1-session turn through the fleet vs the same work in one process: p50 {fleet50:.2} / {one50:.2} ms = {:.2}x (goal <= 1.25x), p99 {fleet99:.2} / {one99:.2} ms = {:.2}x (goal <= 1.5x)",
         fleet50 / one50,
         fleet99 / one99,
     );
     println!(
-        "the minimal fleet (the same handlers behind raw lapin, no HTTP) vs the same work in one process: p50 {min50:.2} / {one50:.2} ms = {:.2}x, p99 {min99:.2} / {one99:.2} ms = {:.2}x; the fleet vs the minimal fleet: p50 {:.2}x, p99 {:.2}x",
+        "of which lapin and RabbitMQ alone (the minimal fleet vs one process): p50 {:.2}x, p99 {:.2}x; Bruno's broker layer and the gateway's HTTP (the fleet vs the minimal fleet): p50 {:.2}x, p99 {:.2}x",
         min50 / one50,
         min99 / one99,
         fleet50 / min50,
@@ -1111,7 +1132,7 @@ async fn hops(dir: &std::path::Path, url: &str, n: usize) {
     let (url, run_dir) = (url.to_owned(), fresh.path().to_owned());
     let (chat, paced, search) = tokio::task::spawn_blocking(move || {
         mode.run(move || async move {
-            on_fleet(&run_dir, &url, |gateway| async move {
+            on_fleet(BrokerKind::RabbitMq, &run_dir, &url, |gateway| async move {
                 let chat = turns(gateway, 1, n).await;
                 // Then one session asking every 250 ms: each turn's memory
                 // write (the answer embedded, the rows committed) is done
@@ -1196,7 +1217,7 @@ fn copy_of(dir: &std::path::Path) -> tempfile::TempDir {
 /// `BENCH_BROKER_ROUNDS` rounds on fresh copies of the store; medians per
 /// broker, and the overhead over the LLM's own time.
 async fn broker_cost(dir: &std::path::Path, url: &str, n: usize) {
-    use bruno_system_tests::{BrokerKind, median, spawn_fleet};
+    use bruno_system_tests::median;
     let kinds = [BrokerKind::RabbitMq, BrokerKind::Embedded];
     let rounds = env_or("BENCH_BROKER_ROUNDS", 3);
     if rounds == 0 {
@@ -1208,18 +1229,7 @@ async fn broker_cost(dir: &std::path::Path, url: &str, n: usize) {
         for offset in 0..kinds.len() {
             let i = (round + offset) % kinds.len();
             let fresh = copy_of(dir);
-            let h = Harness::on(kinds[i], bruno_cli::registry::part_specs()).await;
-            let shutdown = CancellationToken::new();
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let config = fleet_config(&h.config, fresh.path(), url);
-            let task = spawn_fleet(&h, config, &PARTS, shutdown.clone(), Some(tx));
-            let gateway = rx.await.unwrap().gateway.unwrap();
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            turns(gateway, 1, 30).await; // warm-up
-            let hist = turns(gateway, 1, n).await;
-            shutdown.cancel();
-            let _ = task.await;
-            h.cleanup().await;
+            let hist = on_fleet(kinds[i], fresh.path(), url, |gateway| turns(gateway, 1, n)).await;
             p50s[i].push(ms(&hist, 0.5));
             p99s[i].push(ms(&hist, 0.99));
         }
@@ -1254,7 +1264,10 @@ async fn priority_cost(dir: &std::path::Path, url: &str, n: usize) {
             let i = (round + offset) % modes.len();
             bruno_embed::set_query_priority(modes[i]);
             let fresh = copy_of(dir);
-            let hist = on_fleet(fresh.path(), url, |gateway| turns(gateway, 1, n)).await;
+            let hist = on_fleet(BrokerKind::RabbitMq, fresh.path(), url, |gateway| {
+                turns(gateway, 1, n)
+            })
+            .await;
             p50s[i].push(ms(&hist, 0.5));
             p99s[i].push(ms(&hist, 0.99));
         }
@@ -1279,19 +1292,20 @@ fn now_ns() -> u64 {
 
 const PARTS: [&str; 5] = ["embedder", "writer", "retriever", "generator", "gateway"];
 
-/// `work` on a fresh fleet (on its own harness, over the store in `dir`,
-/// the LLM at `url`), given the gateway after 30 warm-up turns; the fleet
-/// stops and its queues go after.
+/// `work` on a fresh fleet on a broker of `kind` (on its own harness, over
+/// the store in `dir`, the LLM at `url`), given the gateway after 30
+/// warm-up turns; the fleet stops and its queues go after.
 async fn on_fleet<T, F: std::future::Future<Output = T>>(
+    kind: bruno_system_tests::BrokerKind,
     dir: &std::path::Path,
     url: &str,
     work: impl FnOnce(SocketAddr) -> F,
 ) -> T {
-    let h = Harness::new(bruno_cli::registry::part_specs()).await;
+    let h = Harness::on(kind, bruno_cli::registry::part_specs()).await;
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let config = fleet_config(&h.config, dir, url);
-    let task = tokio::spawn(run_parts(config, &PARTS, shutdown.clone(), Some(tx)));
+    let task = bruno_system_tests::spawn_fleet(&h, config, &PARTS, shutdown.clone(), Some(tx));
     let gateway = rx.await.unwrap().gateway.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     turns(gateway, 1, 30).await; // warm-up
@@ -1348,7 +1362,10 @@ async fn tracing_cost(dir: &std::path::Path, url: &str, n: usize) {
             let run_dir = fresh.path().to_owned();
             let hist = tokio::task::spawn_blocking(move || {
                 mode.run(move || async move {
-                    on_fleet(&run_dir, &url, |gateway| turns(gateway, 1, n)).await
+                    on_fleet(BrokerKind::RabbitMq, &run_dir, &url, |gateway| {
+                        turns(gateway, 1, n)
+                    })
+                    .await
                 })
             })
             .await
