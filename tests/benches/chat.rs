@@ -579,6 +579,8 @@ async fn handlers_turn(
 /// in `dir` with the LLM at `url`: what [`same_work_in_process`] calls
 /// directly and [`minimal_fleet`] behind raw lapin.
 struct Work {
+    /// The fleet's config (consumer prefetches and the writer's batching).
+    config: Config,
     model: Arc<bruno_embed::AnyEmbedder>,
     store: Store,
     retriever: Arc<bruno_retriever::Retriever>,
@@ -624,6 +626,7 @@ impl Work {
         ));
         let rows_before = remembered(&store, &model).await;
         Self {
+            config,
             model,
             store,
             retriever,
@@ -778,6 +781,8 @@ async fn minimal_fleet(
     ] {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+        // Gone ten minutes after a crashed run stopped consuming them.
+        args.insert("x-expires".into(), AMQPValue::LongUInt(600_000));
         let options = QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -800,7 +805,11 @@ async fn minimal_fleet(
         .exchange_declare(
             completed_x.as_str().into(),
             lapin::ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
+            // Gone with its last binding (the queues expire after a crash).
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -828,7 +837,7 @@ async fn minimal_fleet(
             other => panic!("minimal fleet: no route for {other}"),
         })
     };
-    let consumers = Config::default().consumers;
+    let consumers = work.config.consumers.clone();
     work.writer.start(&no_broker("writer")).await;
     let mut channels = Vec::new();
     channels.extend(
@@ -864,14 +873,11 @@ async fn minimal_fleet(
         )
         .await,
     );
-    let writer_prefetch = fleet_config(&Config::default().broker, dir, url)
-        .writer
-        .concurrency;
     channels.extend(
         minimal_part(
             &conn,
             &writer_q,
-            writer_prefetch,
+            work.config.writer.concurrency,
             work.writer.clone(),
             "writer",
             &route,
@@ -915,7 +921,12 @@ async fn minimal_fleet(
             )
             .await
             .unwrap();
-        let (confirm, reply) = tokio::join!(confirm, replies.next());
+        // A part whose task panicked never answers: fail, don't hang.
+        let (confirm, reply) = tokio::time::timeout(Duration::from_secs(60), async {
+            tokio::join!(confirm, replies.next())
+        })
+        .await
+        .expect("minimal fleet: no answer within 60 s (a part's task panicked?)");
         assert!(confirm.unwrap().is_ack());
         let reply: bruno_events::Event =
             serde_json::from_slice(&reply.unwrap().unwrap().data).unwrap();
